@@ -1,0 +1,27 @@
+//! Names of the BPF maps. The eBPF statics carry these names (BPF object names are at most
+//! 15 characters), and they are the file names of the pins under the bpffs directory.
+
+pub const SERVICES: &str = "SERVICES";
+pub const BACKENDS: &str = "BACKENDS";
+pub const MAGLEV: &str = "MAGLEV";
+pub const CONNTRACK: &str = "CONNTRACK";
+pub const FRAGMENTS: &str = "FRAGMENTS";
+pub const NODE_ADDRESSES: &str = "NODE_ADDRS";
+pub const CONFIG: &str = "CONFIG";
+pub const SERVICE_STATS: &str = "SVC_STATS";
+pub const VERDICT_STATS: &str = "VERDICT_STATS";
+pub const DROP_STATS: &str = "DROP_STATS";
+
+/// Every map the programs declare, in the order `lb reset` and layout checks walk them.
+pub const ALL: [&str; 10] = [
+    SERVICES,
+    BACKENDS,
+    MAGLEV,
+    CONNTRACK,
+    FRAGMENTS,
+    NODE_ADDRESSES,
+    CONFIG,
+    SERVICE_STATS,
+    VERDICT_STATS,
+    DROP_STATS,
+];

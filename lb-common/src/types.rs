@@ -1,0 +1,342 @@
+//! Keys and values of the BPF maps.
+
+use core::mem::size_of;
+
+/// IP protocol numbers as they appear in the IPv4 header.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Which traffic a frontend entry serves.
+pub mod scope {
+    /// Traffic from outside the node, looked up by XDP on uplinks. Follows
+    /// externalTrafficPolicy. ClusterIPs have no entry in this scope.
+    pub const EXTERNAL: u8 = 0;
+    /// Traffic from pods on this node, looked up by TC on pod interfaces. ClusterIPs follow
+    /// internalTrafficPolicy; NodePorts, LB IPs and externalIPs dialled from pods use all
+    /// endpoints (kube-proxy's short-circuit for in-cluster clients).
+    pub const INTERNAL: u8 = 1;
+}
+
+/// The kind of address a frontend entry was made for (shown by `lb services`).
+pub mod kind {
+    pub const CLUSTER_IP: u8 = 0;
+    pub const NODE_PORT: u8 = 1;
+    pub const LOAD_BALANCER: u8 = 2;
+    pub const EXTERNAL_IP: u8 = 3;
+}
+
+/// Bits of [`ServiceValue::flags`].
+pub mod service_flags {
+    /// The entry's traffic policy is Local: with no backend, drop instead of reject.
+    pub const LOCAL_POLICY: u16 = 1 << 0;
+    /// A marker `{ClusterIP, port 0, protocol 0}`: the address belongs to a service, so a
+    /// packet to any port the service does not declare is rejected.
+    pub const ADDRESS_ONLY: u16 = 1 << 1;
+    /// sessionAffinity ClientIP; `affinity_timeout` holds the timeout in seconds.
+    pub const AFFINITY: u16 = 1 << 2;
+}
+
+/// States of a backend. Only the agent decides which backends enter a Maglev table; the
+/// state lets the data path and `lb services` tell them apart.
+pub mod backend_state {
+    /// Ready.
+    pub const ACTIVE: u8 = 0;
+    /// Serving and terminating: existing flows keep it; new ones pick it only as fallback.
+    pub const TERMINATING: u8 = 1;
+    /// Listed but neither ready nor serving: existing flows keep it.
+    pub const INACTIVE: u8 = 2;
+}
+
+/// Bits of [`BackendValue::flags`].
+pub mod backend_flags {
+    /// The endpoint runs on this node.
+    pub const LOCAL: u8 = 1 << 0;
+}
+
+/// Frontend key. NodePorts use address 0 and match when the destination is one of
+/// NODE_ADDRESSES.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+impl ServiceKey {
+    pub const fn new(addr: u32, port: u16, proto: u8, scope: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope,
+        }
+    }
+}
+
+/// Frontend value: which service it is and where its Maglev table lies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Service port id (1..capacity::SERVICES), the index of its counters.
+    pub id: u32,
+    pub flags: u16,
+    pub kind: u8,
+    _pad: u8,
+    /// First slot of this entry's table in MAGLEV.
+    pub maglev_offset: u32,
+    /// Table length (from the ladder), 0 when there is no backend.
+    pub maglev_len: u32,
+    /// Backends in the table.
+    pub backend_count: u32,
+    /// sessionAffinity timeout in seconds, when the AFFINITY flag is set.
+    pub affinity_timeout: u32,
+}
+
+impl ServiceValue {
+    pub const fn new(
+        id: u32,
+        flags: u16,
+        kind: u8,
+        maglev_offset: u32,
+        maglev_len: u32,
+        backend_count: u32,
+        affinity_timeout: u32,
+    ) -> Self {
+        Self {
+            id,
+            flags,
+            kind,
+            _pad: 0,
+            maglev_offset,
+            maglev_len,
+            backend_count,
+            affinity_timeout,
+        }
+    }
+}
+
+/// Backend value, keyed by backend id (u32, 1..capacity::BACKENDS). Ids are per service
+/// port, so removing an endpoint from one service never leaves it reachable through
+/// another service's id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendValue {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub state: u8,
+    /// The service port this backend belongs to (recovers ids after a restart).
+    pub service_id: u32,
+    pub flags: u8,
+    _pad: [u8; 3],
+}
+
+impl BackendValue {
+    pub const fn new(addr: u32, port: u16, proto: u8, state: u8, service_id: u32, flags: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            state,
+            service_id,
+            flags,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Conntrack key: the 5-tuple of a packet as it is seen on the wire, before translation for
+/// a forward entry, and as the reply arrives for a reply entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    _pad: [u8; 3],
+}
+
+impl CtKey {
+    pub const fn new(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> Self {
+        Self {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Which direction a conntrack entry describes.
+pub mod ct_kind {
+    /// Client to service: `nat_addr:nat_port` is the backend to send to.
+    pub const FORWARD: u8 = 0;
+    /// Backend to client: `nat_addr:nat_port` is the frontend to restore as the source.
+    pub const REPLY: u8 = 1;
+}
+
+/// TCP state tracked per flow, which chooses the entry's lifetime.
+pub mod tcp_state {
+    /// SYN seen, no reply yet (also used for UDP and other protocols).
+    pub const OPENING: u8 = 0;
+    pub const ESTABLISHED: u8 = 1;
+    /// FIN or RST seen.
+    pub const CLOSING: u8 = 2;
+}
+
+/// Conntrack value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    pub kind: u8,
+    pub tcp_state: u8,
+    _pad0: [u8; 2],
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    _pad1: u16,
+    /// `bpf_ktime_get_ns` of the last packet; an entry older than its lifetime is ignored.
+    pub last_seen_ns: u64,
+}
+
+impl CtValue {
+    #[allow(clippy::too_many_arguments)]
+    pub const fn new(
+        kind: u8,
+        tcp_state: u8,
+        service_id: u32,
+        backend_id: u32,
+        nat_addr: u32,
+        nat_port: u16,
+        last_seen_ns: u64,
+    ) -> Self {
+        Self {
+            kind,
+            tcp_state,
+            _pad0: [0; 2],
+            service_id,
+            backend_id,
+            nat_addr,
+            nat_port,
+            _pad1: 0,
+            last_seen_ns,
+        }
+    }
+}
+
+/// Identifies an IPv4 datagram whose first fragment was translated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub ip_id: u16,
+    pub proto: u8,
+    _pad: u8,
+}
+
+impl FragKey {
+    pub const fn new(src_addr: u32, dst_addr: u32, ip_id: u16, proto: u8) -> Self {
+        Self {
+            src_addr,
+            dst_addr,
+            ip_id,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// The addresses the later fragments of a datagram get (one of them unchanged).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragValue {
+    pub new_src: u32,
+    pub new_dst: u32,
+}
+
+/// Agent-written settings, the single entry of the CONFIG array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// [`crate::LAYOUT_VERSION`] of the agent that created the maps.
+    pub layout_version: u32,
+    pub tcp_established_s: u32,
+    pub tcp_opening_s: u32,
+    pub tcp_closing_s: u32,
+    pub udp_s: u32,
+    pub other_s: u32,
+    _pad: [u32; 2],
+}
+
+impl Config {
+    pub const fn new(
+        tcp_established_s: u32,
+        tcp_opening_s: u32,
+        tcp_closing_s: u32,
+        udp_s: u32,
+        other_s: u32,
+    ) -> Self {
+        Self {
+            layout_version: crate::LAYOUT_VERSION,
+            tcp_established_s,
+            tcp_opening_s,
+            tcp_closing_s,
+            udp_s,
+            other_s,
+            _pad: [0; 2],
+        }
+    }
+}
+
+impl Default for Config {
+    /// Cilium's defaults: TCP established 6 h, opening 60 s, closing 10 s, others 60 s.
+    fn default() -> Self {
+        Self::new(6 * 3600, 60, 10, 60, 60)
+    }
+}
+
+/// Packets and bytes, one slot per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const _: () = {
+    assert!(size_of::<ServiceKey>() == 8);
+    assert!(size_of::<ServiceValue>() == 24);
+    assert!(size_of::<BackendValue>() == 16);
+    assert!(size_of::<CtKey>() == 16);
+    assert!(size_of::<CtValue>() == 32);
+    assert!(size_of::<FragKey>() == 12);
+    assert!(size_of::<FragValue>() == 8);
+    assert!(size_of::<Config>() == 32);
+    assert!(size_of::<Counter>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C) plain integers with explicit padding, valid for any bytes.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Counter {}
+}

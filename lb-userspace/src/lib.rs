@@ -1,0 +1,16 @@
+//! The `lb` agent: turns Services and endpoints into BPF map entries, and the commands that
+//! inspect the data path.
+
+pub mod agent;
+pub mod cli;
+pub mod datapath;
+pub mod desired;
+pub mod health;
+pub mod inspect;
+pub mod maglev;
+pub mod manifest;
+pub mod object;
+pub mod plan;
+pub mod state;
+pub mod sync;
+pub mod testbed;
