@@ -1,0 +1,269 @@
+//! The in-kernel data path: XDP on node uplinks for traffic from outside, TC on pod
+//! interfaces for traffic from pods, TC egress for reverse NAT of replies.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod service;
+
+use aya_ebpf::{
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{
+    proto, scope,
+    stats::{drop_reason, verdict},
+};
+
+use crate::{
+    maps::{count_drop, count_service, count_verdict},
+    nat::{End, Rewrite},
+    parse::{parse, Flow},
+    service::Forward,
+};
+
+/// What a program does with the packet, before it is mapped to the hook's return code.
+enum Outcome {
+    Pass,
+    Translated,
+    Reject,
+    Drop,
+}
+
+#[inline(always)]
+fn translates(flow: &Flow) -> bool {
+    flow.proto == proto::TCP || flow.proto == proto::UDP
+}
+
+/// Later fragments carry no ports: they follow their first fragment's translation, or
+/// pass untouched when it was not seen.
+#[inline(always)]
+fn follow_fragment<C: Rewrite>(ctx: &C, flow: &Flow) -> Outcome {
+    match service::fragment(flow) {
+        Some(t) => {
+            let ok = (t.new_src == flow.src || ctx.rewrite(flow, End::Src, t.new_src, 0).is_ok())
+                && (t.new_dst == flow.dst || ctx.rewrite(flow, End::Dst, t.new_dst, 0).is_ok());
+            if ok {
+                count_verdict(verdict::FRAGMENT, 0);
+                Outcome::Pass
+            } else {
+                count_drop(drop_reason::REWRITE_FAILED);
+                Outcome::Drop
+            }
+        }
+        None => Outcome::Pass,
+    }
+}
+
+/// Translation towards a backend; shared by the XDP and TC ingress programs.
+#[inline(always)]
+fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcome {
+    if flow.later_fragment {
+        return follow_fragment(ctx, flow);
+    }
+    if !translates(flow) {
+        return Outcome::Pass;
+    }
+    match service::forward(flow, scope_nr) {
+        Forward::Pass => Outcome::Pass,
+        Forward::Dnat { addr, port, service } => {
+            count_service(service, bytes);
+            if ctx.rewrite(flow, End::Dst, addr, port).is_err() {
+                count_drop(drop_reason::REWRITE_FAILED);
+                return Outcome::Drop;
+            }
+            service::remember_fragment(flow, flow.src, addr);
+            count_verdict(verdict::DNAT, bytes);
+            Outcome::Translated
+        }
+        Forward::Reject { service } => {
+            count_service(service, bytes);
+            Outcome::Reject
+        }
+        Forward::Drop { service, reason } => {
+            count_service(service, bytes);
+            count_drop(reason);
+            Outcome::Drop
+        }
+    }
+}
+
+/// Reverse NAT of replies; shared by both egress programs.
+#[inline(always)]
+fn reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
+    if flow.later_fragment {
+        return follow_fragment(ctx, flow);
+    }
+    if !translates(flow) {
+        return Outcome::Pass;
+    }
+    match service::reply(flow) {
+        Some((addr, port, service)) => {
+            if ctx.rewrite(flow, End::Src, addr, port).is_err() {
+                count_drop(drop_reason::REWRITE_FAILED);
+                return Outcome::Drop;
+            }
+            service::remember_fragment(flow, addr, flow.dst);
+            count_service(service, bytes);
+            count_verdict(verdict::REVERSE_NAT, bytes);
+            Outcome::Translated
+        }
+        None => Outcome::Pass,
+    }
+}
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let Some(flow) = parse(ctx.data(), ctx.data_end()) else {
+        return xdp_action::XDP_PASS;
+    };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    match forward(&ctx, &flow, scope::EXTERNAL, bytes) {
+        Outcome::Pass | Outcome::Translated => xdp_action::XDP_PASS,
+        Outcome::Drop => {
+            count_verdict(verdict::DROP, bytes);
+            xdp_action::XDP_DROP
+        }
+        Outcome::Reject => match xdp_reject(&ctx, &flow) {
+            Some(()) => {
+                count_verdict(verdict::REJECT, bytes);
+                xdp_action::XDP_TX
+            }
+            None => {
+                count_drop(drop_reason::REJECT_FAILED);
+                count_verdict(verdict::DROP, bytes);
+                xdp_action::XDP_DROP
+            }
+        },
+    }
+}
+
+#[inline(always)]
+fn xdp_trim(ctx: &XdpContext, new_len: usize) -> Option<()> {
+    let delta = new_len as i64 - (ctx.data_end() - ctx.data()) as i64;
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta as i32) } != 0 {
+        return None;
+    }
+    Some(())
+}
+
+fn xdp_reject(ctx: &XdpContext, flow: &Flow) -> Option<()> {
+    if flow.proto == proto::TCP {
+        let len = reject::tcp_rst(ctx.data(), ctx.data_end(), flow)?;
+        return xdp_trim(ctx, len);
+    }
+    let room = reject::ICMP_ROOM as i32;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -room) } != 0 {
+        return None;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    // Move the Ethernet header (and VLAN tag) to the new start of the frame.
+    let l3 = flow.l3_off;
+    if l3 == parse::ETH_HLEN {
+        let from: *const [u8; 14] = parse::ptr_at(data, data_end, reject::ICMP_ROOM)?;
+        let to: *mut [u8; 14] = parse::ptr_at(data, data_end, 0)?;
+        unsafe { *to = *from };
+    } else {
+        let from: *const [u8; 18] = parse::ptr_at(data, data_end, reject::ICMP_ROOM)?;
+        let to: *mut [u8; 18] = parse::ptr_at(data, data_end, 0)?;
+        unsafe { *to = *from };
+    }
+    let len = reject::icmp_port_unreachable(data, data_end, flow)?;
+    xdp_trim(ctx, len)
+}
+
+#[inline(always)]
+fn tc_verdict(outcome: Outcome, ctx: &TcContext, flow: &Flow, bytes: u64) -> i32 {
+    match outcome {
+        Outcome::Pass | Outcome::Translated => TC_ACT_OK,
+        Outcome::Drop => {
+            count_verdict(verdict::DROP, bytes);
+            TC_ACT_SHOT
+        }
+        Outcome::Reject => match tc_reject(ctx, flow) {
+            Some(()) => {
+                count_verdict(verdict::REJECT, bytes);
+                // Back out of the interface it came in on, to the pod that sent it.
+                unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+            }
+            None => {
+                count_drop(drop_reason::REJECT_FAILED);
+                count_verdict(verdict::DROP, bytes);
+                TC_ACT_SHOT
+            }
+        },
+    }
+}
+
+fn tc_reject(ctx: &TcContext, flow: &Flow) -> Option<()> {
+    let len = if flow.proto == proto::TCP {
+        reject::tcp_rst(ctx.data(), ctx.data_end(), flow)?
+    } else {
+        if flow.l3_off != parse::ETH_HLEN {
+            return None;
+        }
+        ctx.adjust_room(reject::ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0).ok()?;
+        // adjust_room invalidates packet pointers; make the headers directly readable.
+        let want = (flow.l4_off + reject::ICMP_ROOM + 8) as u32;
+        ctx.pull_data(want).ok()?;
+        reject::icmp_port_unreachable(ctx.data(), ctx.data_end(), flow)?
+    };
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) } != 0 {
+        return None;
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn tc_flow(ctx: &TcContext) -> Option<Flow> {
+    parse(ctx.data(), ctx.data_end())
+}
+
+/// Ingress of a host-side pod interface: packets sent by the pod.
+#[classifier]
+pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
+    let Some(flow) = tc_flow(&ctx) else {
+        return TC_ACT_OK;
+    };
+    let bytes = ctx.len() as u64;
+    let outcome = forward(&ctx, &flow, scope::INTERNAL, bytes);
+    tc_verdict(outcome, &ctx, &flow, bytes)
+}
+
+/// Egress of a host-side pod interface: replies on their way to a client pod.
+#[classifier]
+pub fn lb_pod_egress(ctx: TcContext) -> i32 {
+    egress(ctx)
+}
+
+/// Egress of an uplink: replies leaving the node.
+#[classifier]
+pub fn lb_uplink_egress(ctx: TcContext) -> i32 {
+    egress(ctx)
+}
+
+#[inline(always)]
+fn egress(ctx: TcContext) -> i32 {
+    let Some(flow) = tc_flow(&ctx) else {
+        return TC_ACT_OK;
+    };
+    let bytes = ctx.len() as u64;
+    let outcome = reply(&ctx, &flow, bytes);
+    tc_verdict(outcome, &ctx, &flow, bytes)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

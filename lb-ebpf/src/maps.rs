@@ -1,0 +1,62 @@
+//! The maps, named and sized as lb-common says, pinned by name so that they outlive the
+//! agent and are found again by the next one.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    capacity, stats, BackendValue, Config, Counter, CtKey, CtValue, FragKey, FragValue,
+    ServiceKey, ServiceValue,
+};
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(capacity::SERVICES, 0);
+#[map]
+pub static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(capacity::BACKENDS, 0);
+#[map]
+pub static MAGLEV: Array<u32> = Array::pinned(capacity::MAGLEV, 0);
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::pinned(capacity::FRAGMENTS, 0);
+#[map]
+pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(capacity::NODE_ADDRESSES, 0);
+#[map]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+pub static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::SERVICE_STATS, 0);
+#[map]
+pub static VERDICT_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(stats::verdict::COUNT, 0);
+#[map]
+pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::drop_reason::COUNT, 0);
+
+#[inline(always)]
+fn add(counter: Option<*mut Counter>, bytes: u64) {
+    if let Some(c) = counter {
+        // Per-CPU slots: no other writer races this one.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_verdict(verdict: u32, bytes: u64) {
+    add(VERDICT_STATS.get_ptr_mut(verdict), bytes);
+}
+
+#[inline(always)]
+pub fn count_service(id: u32, bytes: u64) {
+    add(SVC_STATS.get_ptr_mut(id), bytes);
+}
+
+#[inline(always)]
+pub fn count_drop(reason: u32) {
+    if let Some(c) = DROP_STATS.get_ptr_mut(reason) {
+        unsafe { *c += 1 };
+    }
+}
