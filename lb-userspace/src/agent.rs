@@ -1,1 +1,169 @@
-//! (being written)
+//! The node agent: keeps the data path in step with the manifests.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context;
+
+use crate::{
+    cli::AgentArgs,
+    datapath::Datapath,
+    health::{self, Health},
+    interfaces,
+    manifest::ManifestSource,
+    plan::plan,
+    state::NodeContext,
+    sync::{AyaMaps, Syncer},
+};
+
+/// How often files and interfaces are looked at. A change is applied once two looks in a
+/// row agree, so a file being rewritten in place is never read half-written.
+const POLL: Duration = Duration::from_millis(250);
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+/// A cheap fingerprint of the manifest files: names, sizes and modification times.
+fn fingerprint(source: &ManifestSource) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    source
+        .list_files()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).ok();
+            let size = m.as_ref().map_or(0, |m| m.len());
+            let mtime = m.and_then(|m| m.modified().ok());
+            (p, size, mtime)
+        })
+        .collect()
+}
+
+fn node_context(args: &AgentArgs, uplinks: &[String]) -> anyhow::Result<NodeContext> {
+    let node_name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string(),
+    };
+    let node_addresses: Vec<Ipv4Addr> = if args.node_ips.is_empty() {
+        let all = interfaces::list()?;
+        uplinks.iter().filter_map(|i| all.get(i)).flatten().copied().collect()
+    } else {
+        args.node_ips.clone()
+    };
+    Ok(NodeContext { node_name, node_addresses, zone: None })
+}
+
+struct Agent {
+    source: ManifestSource,
+    node: NodeContext,
+    syncer: Syncer<AyaMaps>,
+    health: Arc<Health>,
+}
+
+impl Agent {
+    fn apply(&mut self) {
+        let started = std::time::Instant::now();
+        for e in self.source.reload() {
+            tracing::warn!("{e}");
+        }
+        let state = self.source.state();
+        let plan = plan(&state, &self.node);
+        for w in &plan.warnings {
+            tracing::warn!("{w}");
+        }
+        let report = self.syncer.apply(&plan.desired);
+        for e in &report.errors {
+            tracing::error!("map write failed: {e}");
+        }
+        self.health.record_sync(&report, started.elapsed());
+        tracing::info!(
+            services = plan.desired.services.len(),
+            writes = report.writes,
+            deletes = report.deletes,
+            errors = report.errors.len(),
+            "synced"
+        );
+    }
+}
+
+async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
+    let path = args.source_path()?;
+    let uplinks = if args.external_ifaces.is_empty() {
+        vec![interfaces::default_route_iface()
+            .context("no --external-iface given and no default route to find one")?]
+    } else {
+        args.external_ifaces.clone()
+    };
+    let mut dp = Datapath::load(&args.pins.bpffs)?;
+    for iface in &uplinks {
+        let mode = dp.attach_xdp(iface, args.xdp_mode)?;
+        dp.attach_tc(iface, "lb_uplink_egress", true)?;
+        tracing::info!(iface, xdp_mode = %mode, "attached uplink");
+    }
+    let node = node_context(&args, &uplinks)?;
+    tracing::info!(node = %node.node_name, addresses = ?node.node_addresses, "node");
+    let health = Arc::new(Health::new()?);
+    tokio::spawn(health::serve(args.healthz_addr, args.metrics_addr, health.clone()));
+
+    let syncer = Syncer::recover(dp.maps()?)?;
+    let mut agent = Agent { source: ManifestSource::new(&path), node, syncer, health };
+    let mut seen = fingerprint(&agent.source);
+    agent.apply();
+    attach_pods(&mut dp, &args.pod_ifaces, &uplinks);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(POLL);
+    let mut pending: Option<Vec<(PathBuf, u64, Option<SystemTime>)>> = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let now = fingerprint(&agent.source);
+                match pending.take() {
+                    // Unchanged since the last look: the write has settled.
+                    Some(p) if p == now => {
+                        agent.apply();
+                        seen = now;
+                    }
+                    _ if now != seen => pending = Some(now),
+                    _ => {}
+                }
+                agent.syncer.tick();
+                attach_pods(&mut dp, &args.pod_ifaces, &uplinks);
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    // The data path stays: pinned maps, pinned XDP links and netlink TC filters.
+    tracing::info!("stopping; the data path stays in place");
+    Ok(())
+}
+
+/// Attaches the pod programs to every interface that matches a pattern and is not attached
+/// yet (pods come and go while the agent runs).
+fn attach_pods(dp: &mut Datapath, patterns: &[String], uplinks: &[String]) {
+    let Ok(all) = interfaces::list() else { return };
+    for name in all.keys() {
+        if uplinks.contains(name) || !patterns.iter().any(|p| interfaces::glob_match(p, name)) {
+            continue;
+        }
+        if dp.is_attached(name, "tc-ingress") && dp.is_attached(name, "tc-egress") {
+            continue;
+        }
+        let result = dp
+            .attach_tc(name, "lb_pod_ingress", false)
+            .and_then(|()| dp.attach_tc(name, "lb_pod_egress", true));
+        match result {
+            Ok(()) => tracing::info!(iface = %name, "attached pod interface"),
+            Err(e) => tracing::warn!(iface = %name, error = %format!("{e:#}"), "attach failed"),
+        }
+    }
+}

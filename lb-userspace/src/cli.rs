@@ -1,1 +1,169 @@
-//! (being written)
+//! The `lb` command line. Its flags are a contract that deployments and tests rely on.
+
+use std::{net::Ipv4Addr, net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::datapath::XdpModeArg;
+
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
+
+#[derive(Parser, Debug)]
+#[command(name = "lb", version, about = "eBPF service load balancer for Kubernetes")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node agent: program the data path and keep it in step with the services.
+    Agent(AgentArgs),
+    /// Show frontends with their backends.
+    Services(InspectArgs),
+    /// Show tracked flows.
+    Conntrack(InspectArgs),
+    /// Show packet counters.
+    Stats(InspectArgs),
+    /// Detach every program of this data path and remove its pins.
+    Reset(PinArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PinArgs {
+    /// bpffs directory of the data path's pins.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub pins: PinArgs,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Where services come from: `file:PATH` (a YAML/JSON file or a directory of them).
+    #[arg(long)]
+    pub source: String,
+    /// Endpoints with this nodeName are local. Default: the host name.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Uplink interfaces (XDP and TC egress). Default: the interface of the default route.
+    #[arg(long = "external-iface")]
+    pub external_ifaces: Vec<String>,
+    /// Node addresses for NodePorts. Default: the IPv4 addresses of the external interfaces.
+    #[arg(long = "node-ip")]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// Pod interfaces (host side), glob patterns; interfaces that appear later are attached too.
+    #[arg(long = "pod-iface", default_values_t = vec!["veth*".to_string()])]
+    pub pod_ifaces: Vec<String>,
+    #[command(flatten)]
+    pub pins: PinArgs,
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    pub xdp_mode: XdpModeArg,
+    /// kube-proxy compatible `/healthz` and `/livez`.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_addr: SocketAddr,
+    /// Prometheus metrics.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_addr: SocketAddr,
+}
+
+impl AgentArgs {
+    /// The manifest path of a `file:` source.
+    pub fn source_path(&self) -> anyhow::Result<PathBuf> {
+        match self.source.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
+            _ => anyhow::bail!(
+                "unsupported --source {:?}: expected file:PATH (a manifest file or directory)",
+                self.source
+            ),
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Agent(args) => crate::agent::run(args),
+        Command::Services(a) => crate::inspect::services(&a.pins.bpffs, a.output),
+        Command::Conntrack(a) => crate::inspect::conntrack(&a.pins.bpffs, a.output),
+        Command::Stats(a) => crate::inspect::stats(&a.pins.bpffs, a.output),
+        Command::Reset(p) => crate::datapath::reset(&p.bpffs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_command_line_contract() {
+        let cli = Cli::try_parse_from([
+            "lb", "agent", "--source", "file:/m", "--node-name", "n1", "--external-iface", "e0",
+            "--external-iface", "e1", "--node-ip", "192.0.2.1", "--pod-iface", "lbp*", "--bpffs",
+            "/sys/fs/bpf/x", "--xdp-mode", "generic", "--healthz-addr", "127.0.0.1:1",
+            "--metrics-addr", "127.0.0.1:2",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!(a.source_path().unwrap(), PathBuf::from("/m"));
+        assert_eq!(a.external_ifaces, ["e0", "e1"]);
+        assert_eq!(a.pod_ifaces, ["lbp*"]);
+        assert_eq!(a.xdp_mode, XdpModeArg::Generic);
+        assert_eq!(a.pins.bpffs, PathBuf::from("/sys/fs/bpf/x"));
+    }
+
+    #[test]
+    fn defaults_match_kube_proxy() {
+        let Command::Agent(a) = Cli::try_parse_from(["lb", "agent", "--source", "file:x"]).unwrap().command
+        else {
+            panic!("not agent")
+        };
+        assert_eq!(a.pod_ifaces, ["veth*"]);
+        assert_eq!(a.healthz_addr.port(), 10256);
+        assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:10249");
+        assert_eq!(a.pins.bpffs, PathBuf::from(DEFAULT_BPFFS));
+    }
+
+    #[test]
+    fn inspectors_take_bpffs_after_the_subcommand() {
+        for sub in ["services", "conntrack", "stats", "reset"] {
+            Cli::try_parse_from(["lb", sub, "--bpffs", "/sys/fs/bpf/t"]).unwrap();
+        }
+        assert!(Cli::try_parse_from(["lb", "agent", "--source", "k8s"])
+            .unwrap()
+            .command
+            .agent_source_error());
+    }
+
+    impl Command {
+        fn agent_source_error(&self) -> bool {
+            matches!(self, Command::Agent(a) if a.source_path().is_err())
+        }
+    }
+}

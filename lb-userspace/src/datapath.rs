@@ -1,1 +1,274 @@
-//! (being written)
+//! Loading, pinning and attaching the programs, so that the data path outlives the agent:
+//! maps are pinned by name, XDP links are pinned, TC filters are netlink filters with a
+//! fixed priority and handle (they stay until removed). A restarted agent replaces the
+//! programs in those attachments instead of detaching, so no packet finds a gap.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context};
+use aya::{
+    maps::Array,
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle},
+        xdp::XdpLink,
+        Link, SchedClassifier, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use lb_common::{maps, Config, LAYOUT_VERSION};
+use serde::{Deserialize, Serialize};
+
+use crate::{object::ebpf_object, sync::AyaMaps};
+
+const BPFFS_MAGIC: i64 = 0xcafe_4a11;
+/// Our TC filters: one priority and handle, so a restart finds and replaces them.
+const TC_PRIORITY: u16 = 0x4c42;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 0x4c42);
+const ATTACHMENTS: &str = "attachments.json";
+const LINKS: &str = "links";
+
+/// How `--xdp-mode` asks to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeArg {
+    /// Native when the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// One attachment, recorded so that `lb reset` can remove it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Attachment {
+    pub iface: String,
+    /// "xdp", "tc-ingress" or "tc-egress".
+    pub hook: String,
+    /// For XDP: "native" or "generic".
+    #[serde(default)]
+    pub mode: String,
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a valid out-pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPFFS_MAGIC }
+}
+
+/// Mounts bpffs at the parent of `dir` when it is not one already, and creates `dir`.
+pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+    let root = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
+    fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
+    if !is_bpffs(root) {
+        let target = CString::new(root.as_os_str().as_encoded_bytes())?;
+        let fstype = CString::new("bpf")?;
+        // SAFETY: all pointers are valid C strings or null.
+        let rc = unsafe {
+            libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        };
+        if rc != 0 {
+            bail!("mount bpffs at {}: {}", root.display(), std::io::Error::last_os_error());
+        }
+        tracing::info!(path = %root.display(), "mounted bpffs");
+    }
+    fs::create_dir_all(dir.join(LINKS)).with_context(|| format!("create {}", dir.display()))?;
+    Ok(())
+}
+
+/// Older kernels charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+/// Removes the pinned maps when they were made with another layout: reading them would
+/// misread every entry. Only conntrack state is lost; the maps are filled again.
+fn check_layout(dir: &Path) -> anyhow::Result<()> {
+    let pin = dir.join(maps::CONFIG);
+    if !pin.exists() {
+        return Ok(());
+    }
+    let version = crate::sync::open_pin(dir, maps::CONFIG)
+        .and_then(|m| Ok(Array::<_, Config>::try_from(m)?))
+        .and_then(|a| Ok(a.get(&0, 0)?.layout_version));
+    match version {
+        Ok(v) if v == LAYOUT_VERSION || v == 0 => Ok(()),
+        other => {
+            tracing::warn!(
+                found = ?other.ok(),
+                expected = LAYOUT_VERSION,
+                "pinned maps have another layout; replacing them (conntrack state is lost)"
+            );
+            for name in maps::ALL {
+                let _ = fs::remove_file(dir.join(name));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The loaded programs and the maps they share, pinned under `dir`.
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    dir: PathBuf,
+    attachments: BTreeMap<(String, String), Attachment>,
+}
+
+impl Datapath {
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let object = ebpf_object()?;
+        raise_memlock();
+        ensure_bpffs(dir)?;
+        check_layout(dir)?;
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(object)
+            .context("load the eBPF programs")?;
+        let mut dp = Self { ebpf, dir: dir.to_path_buf(), attachments: BTreeMap::new() };
+        for a in read_attachments(dir) {
+            dp.attachments.insert((a.iface.clone(), a.hook.clone()), a);
+        }
+        for name in ["lb_xdp"] {
+            let p: &mut Xdp = dp.program(name)?;
+            p.load().with_context(|| format!("load {name}"))?;
+        }
+        for name in ["lb_pod_ingress", "lb_pod_egress", "lb_uplink_egress"] {
+            let p: &mut SchedClassifier = dp.program(name)?;
+            p.load().with_context(|| format!("load {name}"))?;
+        }
+        Ok(dp)
+    }
+
+    fn program<'a, T>(&'a mut self, name: &str) -> anyhow::Result<&'a mut T>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let p = self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
+        Ok(p.try_into()?)
+    }
+
+    /// The map store over this data path's maps (taken out of the object).
+    pub fn maps(&mut self) -> anyhow::Result<AyaMaps> {
+        AyaMaps::from_ebpf(&mut self.ebpf)
+    }
+
+    pub fn is_attached(&self, iface: &str, hook: &str) -> bool {
+        self.attachments.contains_key(&(iface.to_string(), hook.to_string()))
+    }
+
+    /// XDP on an uplink, through a pinned bpf_link: an existing link (from an earlier agent)
+    /// gets the new program atomically.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpModeArg) -> anyhow::Result<String> {
+        let pin = self.dir.join(LINKS).join(format!("xdp-{iface}"));
+        let previous_mode = self
+            .attachments
+            .get(&(iface.to_string(), "xdp".to_string()))
+            .map_or_else(|| "unknown".to_string(), |a| a.mode.clone());
+        let prog: &mut Xdp = self.program("lb_xdp")?;
+        let mode_name;
+        let id = match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let link = XdpLink::try_from(FdLink::from(pinned))?;
+                mode_name = previous_mode;
+                prog.attach_to_link(link).with_context(|| format!("replace XDP on {iface}"))?
+            }
+            Err(_) => {
+                let (id, m) = match mode {
+                    XdpModeArg::Native => (prog.attach(iface, XdpMode::Driver)?, "native"),
+                    XdpModeArg::Generic => (prog.attach(iface, XdpMode::Skb)?, "generic"),
+                    XdpModeArg::Auto => match prog.attach(iface, XdpMode::Driver) {
+                        Ok(id) => (id, "native"),
+                        Err(e) => {
+                            tracing::info!(iface, error = %e, "native XDP unavailable, using generic");
+                            (prog.attach(iface, XdpMode::Skb)?, "generic")
+                        }
+                    },
+                };
+                mode_name = m.to_string();
+                let link = prog.take_link(id)?;
+                let fd: FdLink = link.try_into().context("XDP attached without bpf_link")?;
+                let _ = fs::remove_file(&pin);
+                let pinned = fd.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
+                let link = XdpLink::try_from(FdLink::from(pinned))?;
+                // The pin keeps the link: re-attach through it so ownership is the pin's.
+                prog.attach_to_link(link)?
+            }
+        };
+        // The pin holds the attachment; dropping our handle must not detach it.
+        std::mem::forget(prog.take_link(id)?);
+        self.record(Attachment { iface: iface.into(), hook: "xdp".into(), mode: mode_name.clone() })?;
+        Ok(mode_name)
+    }
+
+    /// A TC program on one direction of an interface, as a netlink filter with our fixed
+    /// priority and handle (replaced in place when it exists).
+    pub fn attach_tc(&mut self, iface: &str, program: &str, egress: bool) -> anyhow::Result<()> {
+        let _ = tc::qdisc_add_clsact(iface);
+        let attach_type = if egress { TcAttachType::Egress } else { TcAttachType::Ingress };
+        let prog: &mut SchedClassifier = self.program(program)?;
+        let options =
+            NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, ..Default::default() };
+        let id = match prog.attach_with_options(iface, attach_type, TcAttachOptions::Netlink(options)) {
+            Ok(id) => id,
+            Err(_) => {
+                let link =
+                    SchedClassifierLink::attached(iface, attach_type, TC_PRIORITY, TC_HANDLE, None)?;
+                prog.attach_to_link(link).with_context(|| format!("replace TC on {iface}"))?
+            }
+        };
+        // Netlink filters stay until removed; the agent exiting must not remove them.
+        std::mem::forget(prog.take_link(id)?);
+        let hook = if egress { "tc-egress" } else { "tc-ingress" };
+        self.record(Attachment { iface: iface.into(), hook: hook.into(), mode: String::new() })
+    }
+
+    fn record(&mut self, a: Attachment) -> anyhow::Result<()> {
+        self.attachments.insert((a.iface.clone(), a.hook.clone()), a);
+        let list: Vec<&Attachment> = self.attachments.values().collect();
+        let path = self.dir.join(ATTACHMENTS);
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(&list)?)?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+}
+
+fn read_attachments(dir: &Path) -> Vec<Attachment> {
+    fs::read(dir.join(ATTACHMENTS))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Detaches everything the agent attached in this network namespace and removes the pins.
+pub fn reset(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        bail!("no data path pinned at {} (nothing to reset)", dir.display());
+    }
+    for a in read_attachments(dir) {
+        let result = match a.hook.as_str() {
+            "tc-ingress" | "tc-egress" => {
+                let t = if a.hook == "tc-egress" { TcAttachType::Egress } else { TcAttachType::Ingress };
+                SchedClassifierLink::attached(&a.iface, t, TC_PRIORITY, TC_HANDLE, None)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| Ok(l.detach()?))
+            }
+            _ => Ok(()), // XDP links go with their pins below.
+        };
+        if let Err(e) = result {
+            tracing::warn!(iface = %a.iface, hook = %a.hook, error = %e, "detach failed (interface gone?)");
+        }
+    }
+    fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    Ok(())
+}

@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod desired;
 pub mod health;
 pub mod inspect;
+pub mod interfaces;
 pub mod maglev;
 pub mod manifest;
 pub mod object;

@@ -1,1 +1,45 @@
-//! (being written)
+//! Writes the desired maps into the data path with the fewest changes, in an order in
+//! which no packet sees a half-written state: backends first, then a fresh Maglev range,
+//! then the service entry that points at it (one atomic update); deletions in reverse, and
+//! an old Maglev range is reused only after a grace period, since programs that read the
+//! old entry may still be using it.
+
+mod aya_maps;
+mod maglev_alloc;
+mod memory;
+mod syncer;
+
+pub use aya_maps::{open_pin, AyaMaps};
+pub use memory::MemoryMaps;
+pub use syncer::{SyncReport, Syncer};
+
+use lb_common::{BackendValue, Config, ServiceKey, ServiceValue};
+
+/// A failed map operation. A full map is told apart: it is a capacity problem the operator
+/// must see, not a bug.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    #[error("map {0} is full")]
+    Full(&'static str),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The maps sync reads and writes; an aya implementation over the pinned maps and an
+/// in-memory one for tests.
+pub trait MapStore {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError>;
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapError>;
+    fn node_addresses(&self) -> Result<Vec<u32>, MapError>;
+    fn maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError>;
+    fn config(&self) -> Result<Option<Config>, MapError>;
+
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError>;
+    fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError>;
+    fn put_node_address(&mut self, addr: u32) -> Result<(), MapError>;
+    fn delete_node_address(&mut self, addr: u32) -> Result<(), MapError>;
+    fn put_config(&mut self, config: Config) -> Result<(), MapError>;
+}

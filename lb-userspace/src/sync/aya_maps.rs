@@ -1,0 +1,119 @@
+//! The map store over the kernel's maps (pinned under the agent's bpffs directory).
+
+use std::path::Path;
+
+use anyhow::Context;
+use aya::maps::{Array, HashMap, Map, MapData, MapError as AyaMapError};
+use lb_common::{maps, BackendValue, Config, ServiceKey, ServiceValue};
+
+use super::{MapError, MapStore};
+
+pub struct AyaMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    maglev: Array<MapData, u32>,
+    node_addresses: HashMap<MapData, u32, u32>,
+    config: Array<MapData, Config>,
+}
+
+/// Reads one of our maps from its pin.
+pub fn open_pin(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("map {name}"))
+}
+
+fn err(name: &'static str, e: AyaMapError) -> MapError {
+    if let AyaMapError::SyscallError(s) = &e {
+        // The kernel says E2BIG when a hash map has no room for another key.
+        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) {
+            return MapError::Full(name);
+        }
+    }
+    MapError::Other(format!("{name}: {e}"))
+}
+
+impl AyaMaps {
+    /// Takes the maps of a freshly loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
+        Ok(Self {
+            services: take(maps::SERVICES)?.try_into()?,
+            backends: take(maps::BACKENDS)?.try_into()?,
+            maglev: take(maps::MAGLEV)?.try_into()?,
+            node_addresses: take(maps::NODE_ADDRESSES)?.try_into()?,
+            config: take(maps::CONFIG)?.try_into()?,
+        })
+    }
+
+    /// Opens the pinned maps of a running (or stopped) agent.
+    pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: open_pin(dir, maps::SERVICES)?.try_into()?,
+            backends: open_pin(dir, maps::BACKENDS)?.try_into()?,
+            maglev: open_pin(dir, maps::MAGLEV)?.try_into()?,
+            node_addresses: open_pin(dir, maps::NODE_ADDRESSES)?.try_into()?,
+            config: open_pin(dir, maps::CONFIG)?.try_into()?,
+        })
+    }
+}
+
+impl MapStore for AyaMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
+        self.services.iter().collect::<Result<_, _>>().map_err(|e| err(maps::SERVICES, e))
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapError> {
+        self.backends.iter().collect::<Result<_, _>>().map_err(|e| err(maps::BACKENDS, e))
+    }
+    fn node_addresses(&self) -> Result<Vec<u32>, MapError> {
+        self.node_addresses
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(maps::NODE_ADDRESSES, e))
+    }
+    fn maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError> {
+        (offset..offset + len)
+            .map(|i| self.maglev.get(&i, 0).map_err(|e| err(maps::MAGLEV, e)))
+            .collect()
+    }
+    fn config(&self) -> Result<Option<Config>, MapError> {
+        let c = self.config.get(&0, 0).map_err(|e| err(maps::CONFIG, e))?;
+        Ok((c.layout_version != 0).then_some(c))
+    }
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
+        self.services.insert(key, value, 0).map_err(|e| err(maps::SERVICES, e))
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        match self.services.remove(key) {
+            Ok(()) | Err(AyaMapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(maps::SERVICES, e)),
+        }
+    }
+    fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError> {
+        self.backends.insert(id, value, 0).map_err(|e| err(maps::BACKENDS, e))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
+        match self.backends.remove(&id) {
+            Ok(()) | Err(AyaMapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(maps::BACKENDS, e)),
+        }
+    }
+    fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError> {
+        for (i, id) in ids.iter().enumerate() {
+            self.maglev.set(offset + i as u32, id, 0).map_err(|e| err(maps::MAGLEV, e))?;
+        }
+        Ok(())
+    }
+    fn put_node_address(&mut self, addr: u32) -> Result<(), MapError> {
+        self.node_addresses.insert(addr, 1, 0).map_err(|e| err(maps::NODE_ADDRESSES, e))
+    }
+    fn delete_node_address(&mut self, addr: u32) -> Result<(), MapError> {
+        match self.node_addresses.remove(&addr) {
+            Ok(()) | Err(AyaMapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(maps::NODE_ADDRESSES, e)),
+        }
+    }
+    fn put_config(&mut self, config: Config) -> Result<(), MapError> {
+        self.config.set(0, config, 0).map_err(|e| err(maps::CONFIG, e))
+    }
+}

@@ -1,0 +1,110 @@
+//! An in-memory map store with capacities and an operation log, for tests.
+
+use std::collections::BTreeMap;
+
+use lb_common::{capacity, maps, BackendValue, Config, ServiceKey, ServiceValue};
+
+use super::{MapError, MapStore};
+
+#[derive(Debug, Clone)]
+pub struct MemoryMaps {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub maglev: Vec<u32>,
+    pub node_addresses: Vec<u32>,
+    pub config: Option<Config>,
+    pub service_capacity: usize,
+    /// Every write in order: ("put_service", ...), for checking the order of changes.
+    pub log: Vec<String>,
+}
+
+impl Default for MemoryMaps {
+    fn default() -> Self {
+        Self::with_capacity(capacity::SERVICES as usize, 1 << 16)
+    }
+}
+
+impl MemoryMaps {
+    pub fn with_capacity(services: usize, maglev: usize) -> Self {
+        Self {
+            services: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            maglev: vec![0; maglev],
+            node_addresses: Vec::new(),
+            config: None,
+            service_capacity: services,
+            log: Vec::new(),
+        }
+    }
+}
+
+impl MapStore for MemoryMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapError> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn node_addresses(&self) -> Result<Vec<u32>, MapError> {
+        Ok(self.node_addresses.clone())
+    }
+    fn maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError> {
+        let (o, l) = (offset as usize, len as usize);
+        self.maglev
+            .get(o..o + l)
+            .map(<[u32]>::to_vec)
+            .ok_or_else(|| MapError::Other("maglev range out of bounds".into()))
+    }
+    fn config(&self) -> Result<Option<Config>, MapError> {
+        Ok(self.config)
+    }
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
+        if !self.services.contains_key(&key) && self.services.len() >= self.service_capacity {
+            return Err(MapError::Full(maps::SERVICES));
+        }
+        self.log.push(format!("put_service {key:?}"));
+        self.services.insert(key, value);
+        Ok(())
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        self.log.push(format!("delete_service {key:?}"));
+        self.services.remove(key);
+        Ok(())
+    }
+    fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError> {
+        self.log.push(format!("put_backend {id}"));
+        self.backends.insert(id, value);
+        Ok(())
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.log.push(format!("delete_backend {id}"));
+        self.backends.remove(&id);
+        Ok(())
+    }
+    fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError> {
+        let o = offset as usize;
+        let slots = self
+            .maglev
+            .get_mut(o..o + ids.len())
+            .ok_or(MapError::Full(maps::MAGLEV))?;
+        slots.copy_from_slice(ids);
+        self.log.push(format!("write_maglev {offset}+{}", ids.len()));
+        Ok(())
+    }
+    fn put_node_address(&mut self, addr: u32) -> Result<(), MapError> {
+        self.log.push(format!("put_node_address {addr}"));
+        if !self.node_addresses.contains(&addr) {
+            self.node_addresses.push(addr);
+        }
+        Ok(())
+    }
+    fn delete_node_address(&mut self, addr: u32) -> Result<(), MapError> {
+        self.log.push(format!("delete_node_address {addr}"));
+        self.node_addresses.retain(|a| *a != addr);
+        Ok(())
+    }
+    fn put_config(&mut self, config: Config) -> Result<(), MapError> {
+        self.config = Some(config);
+        Ok(())
+    }
+}
