@@ -146,7 +146,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn xdp_trim(ctx: &XdpContext, new_len: usize) -> Option<()> {
-    let delta = new_len as i64 - (ctx.data_end() - ctx.data()) as i64;
+    // Materialise the length first: the verifier refuses arithmetic that the compiler
+    // would otherwise reassociate onto the packet-end pointer.
+    let cur = ctx.data_end() - ctx.data();
+    let cur = unsafe { core::ptr::read_volatile(&cur) };
+    let delta = new_len as i64 - cur as i64;
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta as i32) } != 0 {
         return None;
     }

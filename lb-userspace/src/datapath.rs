@@ -4,7 +4,7 @@
 //! programs in those attachments instead of detaching, so no packet finds a gap.
 
 use std::{
-    collections::BTreeMap,
+    collections::BTreeSet,
     ffi::CString,
     fs,
     path::{Path, PathBuf},
@@ -22,15 +22,13 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{maps, Config, LAYOUT_VERSION};
-use serde::{Deserialize, Serialize};
 
-use crate::{object::ebpf_object, sync::AyaMaps};
+use crate::{interfaces, object::ebpf_object, sync::AyaMaps};
 
 const BPFFS_MAGIC: i64 = 0xcafe_4a11;
 /// Our TC filters: one priority and handle, so a restart finds and replaces them.
 const TC_PRIORITY: u16 = 0x4c42;
 const TC_HANDLE: TcHandle = TcHandle::new(0, 0x4c42);
-const ATTACHMENTS: &str = "attachments.json";
 const LINKS: &str = "links";
 
 /// How `--xdp-mode` asks to attach.
@@ -40,17 +38,6 @@ pub enum XdpModeArg {
     Auto,
     Native,
     Generic,
-}
-
-/// One attachment, recorded so that `lb reset` can remove it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Attachment {
-    pub iface: String,
-    /// "xdp", "tc-ingress" or "tc-egress".
-    pub hook: String,
-    /// For XDP: "native" or "generic".
-    #[serde(default)]
-    pub mode: String,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -121,7 +108,8 @@ fn check_layout(dir: &Path) -> anyhow::Result<()> {
 pub struct Datapath {
     pub ebpf: Ebpf,
     dir: PathBuf,
-    attachments: BTreeMap<(String, String), Attachment>,
+    /// (interface, hook) attached by this process or found from an earlier one.
+    attached: BTreeSet<(String, &'static str)>,
 }
 
 impl Datapath {
@@ -134,10 +122,7 @@ impl Datapath {
             .default_map_pin_directory(dir)
             .load(object)
             .context("load the eBPF programs")?;
-        let mut dp = Self { ebpf, dir: dir.to_path_buf(), attachments: BTreeMap::new() };
-        for a in read_attachments(dir) {
-            dp.attachments.insert((a.iface.clone(), a.hook.clone()), a);
-        }
+        let mut dp = Self { ebpf, dir: dir.to_path_buf(), attached: BTreeSet::new() };
         for name in ["lb_xdp"] {
             let p: &mut Xdp = dp.program(name)?;
             p.load().with_context(|| format!("load {name}"))?;
@@ -162,27 +147,30 @@ impl Datapath {
         AyaMaps::from_ebpf(&mut self.ebpf)
     }
 
-    pub fn is_attached(&self, iface: &str, hook: &str) -> bool {
-        self.attachments.contains_key(&(iface.to_string(), hook.to_string()))
+    pub fn is_attached(&self, iface: &str, hook: &'static str) -> bool {
+        self.attached.contains(&(iface.to_string(), hook))
     }
 
-    /// XDP on an uplink, through a pinned bpf_link: an existing link (from an earlier agent)
-    /// gets the new program atomically.
+    /// XDP on an uplink, through a bpf_link pinned as `links/xdp-<mode>-<iface>`: an
+    /// existing link (from an earlier agent) gets the new program atomically.
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpModeArg) -> anyhow::Result<String> {
-        let pin = self.dir.join(LINKS).join(format!("xdp-{iface}"));
-        let previous_mode = self
-            .attachments
-            .get(&(iface.to_string(), "xdp".to_string()))
-            .map_or_else(|| "unknown".to_string(), |a| a.mode.clone());
+        let links = self.dir.join(LINKS);
+        let existing = ["native", "generic"]
+            .into_iter()
+            .map(|m| (m, links.join(format!("xdp-{m}-{iface}"))))
+            .find(|(_, p)| p.exists());
         let prog: &mut Xdp = self.program("lb_xdp")?;
-        let mode_name;
-        let id = match PinnedLink::from_pin(&pin) {
-            Ok(pinned) => {
+        let mode_name = match existing.map(|(m, p)| (m, PinnedLink::from_pin(p))) {
+            Some((previous_mode, Ok(pinned))) => {
                 let link = XdpLink::try_from(FdLink::from(pinned))?;
-                mode_name = previous_mode;
-                prog.attach_to_link(link).with_context(|| format!("replace XDP on {iface}"))?
+                let id = prog
+                    .attach_to_link(link)
+                    .with_context(|| format!("replace the XDP program on {iface}"))?;
+                // Our handle is one more reference to the pinned link; closing it is harmless.
+                drop(prog.take_link(id)?);
+                previous_mode.to_string()
             }
-            Err(_) => {
+            _ => {
                 let (id, m) = match mode {
                     XdpModeArg::Native => (prog.attach(iface, XdpMode::Driver)?, "native"),
                     XdpModeArg::Generic => (prog.attach(iface, XdpMode::Skb)?, "generic"),
@@ -194,19 +182,15 @@ impl Datapath {
                         }
                     },
                 };
-                mode_name = m.to_string();
                 let link = prog.take_link(id)?;
                 let fd: FdLink = link.try_into().context("XDP attached without bpf_link")?;
-                let _ = fs::remove_file(&pin);
-                let pinned = fd.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
-                let link = XdpLink::try_from(FdLink::from(pinned))?;
-                // The pin keeps the link: re-attach through it so ownership is the pin's.
-                prog.attach_to_link(link)?
+                let pin = links.join(format!("xdp-{m}-{iface}"));
+                // The pin keeps the attachment after this process ends.
+                fd.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
+                m.to_string()
             }
         };
-        // The pin holds the attachment; dropping our handle must not detach it.
-        std::mem::forget(prog.take_link(id)?);
-        self.record(Attachment { iface: iface.into(), hook: "xdp".into(), mode: mode_name.clone() })?;
+        self.attached.insert((iface.to_string(), "xdp"));
         Ok(mode_name)
     }
 
@@ -220,6 +204,7 @@ impl Datapath {
             NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, ..Default::default() };
         let id = match prog.attach_with_options(iface, attach_type, TcAttachOptions::Netlink(options)) {
             Ok(id) => id,
+            // Our filter is there already (an earlier agent): put the new program in it.
             Err(_) => {
                 let link =
                     SchedClassifierLink::attached(iface, attach_type, TC_PRIORITY, TC_HANDLE, None)?;
@@ -229,25 +214,10 @@ impl Datapath {
         // Netlink filters stay until removed; the agent exiting must not remove them.
         std::mem::forget(prog.take_link(id)?);
         let hook = if egress { "tc-egress" } else { "tc-ingress" };
-        self.record(Attachment { iface: iface.into(), hook: hook.into(), mode: String::new() })
-    }
-
-    fn record(&mut self, a: Attachment) -> anyhow::Result<()> {
-        self.attachments.insert((a.iface.clone(), a.hook.clone()), a);
-        let list: Vec<&Attachment> = self.attachments.values().collect();
-        let path = self.dir.join(ATTACHMENTS);
-        let tmp = path.with_extension("tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(&list)?)?;
-        fs::rename(&tmp, &path)?;
+        self.attached.insert((iface.to_string(), hook));
         Ok(())
     }
-}
 
-fn read_attachments(dir: &Path) -> Vec<Attachment> {
-    fs::read(dir.join(ATTACHMENTS))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
 }
 
 /// Detaches everything the agent attached in this network namespace and removes the pins.
@@ -255,18 +225,13 @@ pub fn reset(dir: &Path) -> anyhow::Result<()> {
     if !dir.exists() {
         bail!("no data path pinned at {} (nothing to reset)", dir.display());
     }
-    for a in read_attachments(dir) {
-        let result = match a.hook.as_str() {
-            "tc-ingress" | "tc-egress" => {
-                let t = if a.hook == "tc-egress" { TcAttachType::Egress } else { TcAttachType::Ingress };
-                SchedClassifierLink::attached(&a.iface, t, TC_PRIORITY, TC_HANDLE, None)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|l| Ok(l.detach()?))
+    // Our TC filters carry a fixed priority and handle: remove them wherever they are in
+    // this network namespace. XDP links go with their pins below.
+    for iface in interfaces::list()?.keys() {
+        for t in [TcAttachType::Ingress, TcAttachType::Egress] {
+            if let Ok(link) = SchedClassifierLink::attached(iface, t, TC_PRIORITY, TC_HANDLE, None) {
+                let _ = link.detach();
             }
-            _ => Ok(()), // XDP links go with their pins below.
-        };
-        if let Err(e) = result {
-            tracing::warn!(iface = %a.iface, hook = %a.hook, error = %e, "detach failed (interface gone?)");
         }
     }
     fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
