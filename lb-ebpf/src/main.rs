@@ -3,12 +3,17 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod csum;
+mod fragments;
+mod icmp_error;
 mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod select;
 mod service;
+mod stats;
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, TC_ACT_OK, TC_ACT_SHOT},
@@ -17,15 +22,15 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    proto, scope,
+    ct_kind, proto, scope,
     stats::{drop_reason, verdict},
 };
 
 use crate::{
-    maps::{count_drop, count_service, count_verdict},
     nat::{End, Rewrite},
-    parse::{parse, Flow},
+    parse::{parse, Flow, Unparsed},
     service::Forward,
+    stats::{count_drop, count_service, count_verdict},
 };
 
 /// What a program does with the packet, before it is mapped to the hook's return code.
@@ -41,11 +46,41 @@ fn translates(flow: &Flow) -> bool {
     flow.proto == proto::TCP || flow.proto == proto::UDP
 }
 
+/// Counts a packet whose headers could not be trusted, when it was addressed to a
+/// service address; anything else unparsable is simply not ours.
+#[inline(always)]
+fn unparsed(why: Unparsed) {
+    if let Unparsed::Malformed { dst: Some(dst) } = why {
+        if select::is_service_address(dst) {
+            count_drop(drop_reason::MALFORMED);
+        }
+    }
+}
+
+/// ICMP errors quoting a translated flow; other ICMP is not ours. `kind` is the
+/// conntrack direction the quote must match (see icmp_error).
+#[inline(always)]
+fn icmp<C: Rewrite>(ctx: &C, flow: &Flow, kind: u8, bytes: u64) -> Outcome {
+    let (data, data_end) = ctx.linear(flow.l4_off + 1);
+    if !icmp_error::is_error(data, data_end, flow) {
+        return Outcome::Pass;
+    }
+    let (data, data_end) = ctx.linear(flow.l4_off + icmp_error::LINEAR_LEN);
+    match icmp_error::translate(data, data_end, flow, kind) {
+        Some(service) => {
+            count_service(service, bytes);
+            count_verdict(verdict::ICMP_ERROR_NAT, bytes);
+            Outcome::Translated
+        }
+        None => Outcome::Pass,
+    }
+}
+
 /// Later fragments carry no ports: they follow their first fragment's translation, or
 /// pass untouched when it was not seen.
 #[inline(always)]
 fn follow_fragment<C: Rewrite>(ctx: &C, flow: &Flow) -> Outcome {
-    match service::fragment(flow) {
+    match fragments::lookup(flow) {
         Some(t) => {
             let ok = (t.new_src == flow.src || ctx.rewrite(flow, End::Src, t.new_src, 0).is_ok())
                 && (t.new_dst == flow.dst || ctx.rewrite(flow, End::Dst, t.new_dst, 0).is_ok());
@@ -67,6 +102,9 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
     if flow.later_fragment {
         return follow_fragment(ctx, flow);
     }
+    if flow.proto == proto::ICMP {
+        return icmp(ctx, flow, ct_kind::FORWARD, bytes);
+    }
     if !translates(flow) {
         return Outcome::Pass;
     }
@@ -78,7 +116,7 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
                 count_drop(drop_reason::REWRITE_FAILED);
                 return Outcome::Drop;
             }
-            service::remember_fragment(flow, flow.src, addr);
+            fragments::remember(flow, flow.src, addr);
             count_verdict(verdict::DNAT, bytes);
             Outcome::Translated
         }
@@ -100,16 +138,19 @@ fn reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
     if flow.later_fragment {
         return follow_fragment(ctx, flow);
     }
+    if flow.proto == proto::ICMP {
+        return icmp(ctx, flow, ct_kind::REPLY, bytes);
+    }
     if !translates(flow) {
         return Outcome::Pass;
     }
-    match service::reply(flow) {
+    match conntrack::reply(flow, conntrack::now()) {
         Some((addr, port, service)) => {
             if ctx.rewrite(flow, End::Src, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
                 return Outcome::Drop;
             }
-            service::remember_fragment(flow, addr, flow.dst);
+            fragments::remember(flow, addr, flow.dst);
             count_service(service, bytes);
             count_verdict(verdict::REVERSE_NAT, bytes);
             Outcome::Translated
@@ -120,8 +161,12 @@ fn reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let Some(flow) = parse(ctx.data(), ctx.data_end()) else {
-        return xdp_action::XDP_PASS;
+    let flow = match parse(ctx.data(), ctx.data_end()) {
+        Ok(flow) => flow,
+        Err(why) => {
+            unparsed(why);
+            return xdp_action::XDP_PASS;
+        }
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     match forward(&ctx, &flow, scope::EXTERNAL, bytes) {
@@ -226,7 +271,13 @@ fn tc_reject(ctx: &TcContext, flow: &Flow) -> Option<()> {
 
 #[inline(always)]
 fn tc_flow(ctx: &TcContext) -> Option<Flow> {
-    parse(ctx.data(), ctx.data_end())
+    match parse(ctx.data(), ctx.data_end()) {
+        Ok(flow) => Some(flow),
+        Err(why) => {
+            unparsed(why);
+            None
+        }
+    }
 }
 
 /// Ingress of a host-side pod interface: packets sent by the pod.

@@ -32,31 +32,3 @@ pub static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::SERVI
 pub static VERDICT_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(stats::verdict::COUNT, 0);
 #[map]
 pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::drop_reason::COUNT, 0);
-
-#[inline(always)]
-fn add(counter: Option<*mut Counter>, bytes: u64) {
-    if let Some(c) = counter {
-        // Per-CPU slots: no other writer races this one.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
-    }
-}
-
-#[inline(always)]
-pub fn count_verdict(verdict: u32, bytes: u64) {
-    add(VERDICT_STATS.get_ptr_mut(verdict), bytes);
-}
-
-#[inline(always)]
-pub fn count_service(id: u32, bytes: u64) {
-    add(SVC_STATS.get_ptr_mut(id), bytes);
-}
-
-#[inline(always)]
-pub fn count_drop(reason: u32) {
-    if let Some(c) = DROP_STATS.get_ptr_mut(reason) {
-        unsafe { *c += 1 };
-    }
-}

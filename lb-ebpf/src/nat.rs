@@ -42,9 +42,17 @@ fn has_ports(flow: &Flow) -> bool {
 pub trait Rewrite {
     /// Sets one end's address and, where the packet carries ports, its port.
     fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), ()>;
+    /// The packet's (data, data_end), after making at least its first `len` bytes (or all
+    /// of it, if shorter) directly accessible.
+    fn linear(&self, len: usize) -> (usize, usize);
 }
 
 impl Rewrite for XdpContext {
+    #[inline(always)]
+    fn linear(&self, _len: usize) -> (usize, usize) {
+        (self.data(), self.data_end())
+    }
+
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), ()> {
         let (data, data_end) = (self.data(), self.data_end());
@@ -79,6 +87,16 @@ impl Rewrite for XdpContext {
 }
 
 impl Rewrite for TcContext {
+    #[inline(always)]
+    fn linear(&self, len: usize) -> (usize, usize) {
+        let total = self.len() as usize;
+        if self.data_end() - self.data() < len.min(total) {
+            // On failure the packet stays as it was and later bounds checks refuse it.
+            let _ = self.pull_data(len.min(total) as u32);
+        }
+        (self.data(), self.data_end())
+    }
+
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), ()> {
         let old_addr: u32 = self.load(flow.l3_off + end.addr_off()).map_err(|_| ())?;

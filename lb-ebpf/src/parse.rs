@@ -1,5 +1,5 @@
 //! Header parsing. Every access is checked against `data_end`; anything that does not parse
-//! as a complete header is reported as `None` and passed untouched by the callers.
+//! as a complete header is reported as [`Unparsed`] and passed untouched by the callers.
 
 use core::mem::size_of;
 
@@ -41,6 +41,15 @@ pub struct Flow {
     pub later_fragment: bool,
 }
 
+/// Why a frame yields no [`Flow`].
+#[derive(Clone, Copy)]
+pub enum Unparsed {
+    /// Not IPv4: not ours.
+    Other,
+    /// An IPv4 header too short or inconsistent to trust; `dst` when it could be read.
+    Malformed { dst: Option<u32> },
+}
+
 /// The L3 offset of an IPv4 packet (after an optional VLAN tag), or `None` for other
 /// ethertypes.
 #[inline(always)]
@@ -61,20 +70,18 @@ fn ipv4_offset(data: usize, data_end: usize) -> Option<usize> {
 
 /// Parses Ethernet, IPv4 (with options) and the TCP/UDP/ICMP header.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Option<Flow> {
-    let l3_off = ipv4_offset(data, data_end)?;
-    let ip: *const [u8; 20] = ptr_at(data, data_end, l3_off)?;
+pub fn parse(data: usize, data_end: usize) -> Result<Flow, Unparsed> {
+    let l3_off = ipv4_offset(data, data_end).ok_or(Unparsed::Other)?;
+    let Some(ip) = ptr_at::<[u8; 20]>(data, data_end, l3_off) else {
+        return Err(Unparsed::Malformed { dst: None });
+    };
     let ip = unsafe { &*ip };
-    if ip[0] >> 4 != 4 {
-        return None;
-    }
+    let dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let malformed = Unparsed::Malformed { dst: Some(dst) };
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    if ihl < 20 {
-        return None;
-    }
     let total_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    if total_len < ihl {
-        return None;
+    if ip[0] >> 4 != 4 || ihl < 20 || total_len < ihl {
+        return Err(malformed);
     }
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
     let more_fragments = frag & 0x2000 != 0;
@@ -84,7 +91,7 @@ pub fn parse(data: usize, data_end: usize) -> Option<Flow> {
         l4_off: l3_off + ihl,
         proto: ip[9],
         src: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        dst,
         sport: 0,
         dport: 0,
         tcp_flags: 0,
@@ -94,34 +101,34 @@ pub fn parse(data: usize, data_end: usize) -> Option<Flow> {
     };
     // The options must be present in full before the L4 header is trusted.
     if data + flow.l4_off > data_end {
-        return None;
+        return Err(malformed);
     }
     if later_fragment {
-        return Some(flow);
+        return Ok(flow);
     }
     match flow.proto {
         lb_common::proto::TCP => {
-            let tcp: *const [u8; 20] = ptr_at(data, data_end, flow.l4_off)?;
+            let tcp: *const [u8; 20] = ptr_at(data, data_end, flow.l4_off).ok_or(malformed)?;
             let tcp = unsafe { &*tcp };
             if ((tcp[12] >> 4) as usize) * 4 < 20 {
-                return None;
+                return Err(malformed);
             }
             flow.sport = u16::from_ne_bytes([tcp[0], tcp[1]]);
             flow.dport = u16::from_ne_bytes([tcp[2], tcp[3]]);
             flow.tcp_flags = tcp[13];
         }
         lb_common::proto::UDP => {
-            let udp: *const [u8; 8] = ptr_at(data, data_end, flow.l4_off)?;
+            let udp: *const [u8; 8] = ptr_at(data, data_end, flow.l4_off).ok_or(malformed)?;
             let udp = unsafe { &*udp };
             flow.sport = u16::from_ne_bytes([udp[0], udp[1]]);
             flow.dport = u16::from_ne_bytes([udp[2], udp[3]]);
         }
         lb_common::proto::ICMP => {
-            let _: *const [u8; 8] = ptr_at(data, data_end, flow.l4_off)?;
+            ptr_at::<[u8; 8]>(data, data_end, flow.l4_off).ok_or(malformed)?;
         }
         _ => {}
     }
-    Some(flow)
+    Ok(flow)
 }
 
 /// Offset of the L4 checksum field, for protocols that have ports.

@@ -174,6 +174,12 @@ impl Datapath {
                 let (id, m) = match mode {
                     XdpModeArg::Native => (prog.attach(iface, XdpMode::Driver)?, "native"),
                     XdpModeArg::Generic => (prog.attach(iface, XdpMode::Skb)?, "generic"),
+                    // A veth drops native XDP_TX frames unless its peer has GRO or an XDP
+                    // program, which the agent cannot see from here (kind nodes,
+                    // containers): generic mode answers rejects reliably there.
+                    XdpModeArg::Auto if interfaces::driver(iface).as_deref() == Some("veth") => {
+                        (prog.attach(iface, XdpMode::Skb)?, "generic")
+                    }
                     XdpModeArg::Auto => match prog.attach(iface, XdpMode::Driver) {
                         Ok(id) => (id, "native"),
                         Err(e) => {

@@ -1,1 +1,345 @@
+//! Network-namespace topologies for the integration tests and the demo: a client, a node
+//! running the real agent, and pods, joined by veth pairs, with real TCP/UDP servers.
+//! Everything lives in namespaces created here and removed on drop; nothing touches the
+//! root namespace's interfaces or routes.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, short enough for interface names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, deleted (with every process in it) when dropped.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique(prefix);
+        sh(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        sh(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command run inside the namespace through nsenter (which, unlike `ip netns exec`,
+    /// keeps the host's /sys and so its bpffs).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        c
+    }
+
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        sh(self.command(program).args(args))
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = File::open(self.path())?;
+        thread::spawn(move || {
+            // SAFETY: a valid namespace fd; setns affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+
+    /// Starts `f` on a thread inside this namespace and returns at once.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> Result<()> {
+        let file = File::open(self.path())?;
+        thread::spawn(move || {
+            // SAFETY: as in `run`.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+                f();
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(pids) = sh(Command::new("ip").args(["netns", "pids", &self.name])) {
+            for pid in pids.split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Connects two namespaces with a veth pair.
+pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
+    let tmp = unique("lbt");
+    sh(Command::new("ip").args(["link", "add", &tmp, "netns", &a.name, "type", "veth", "peer", "name", b_name, "netns", &b.name]))?;
+    a.ip(&["link", "set", &tmp, "name", a_name])?;
+    a.ip(&["link", "set", a_name, "up"])?;
+    b.ip(&["link", "set", b_name, "up"])?;
+    Ok(())
+}
+
+/// A pod: its namespace, address and the host-side interface name on the node.
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub host_iface: String,
+}
+
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// Port every pod's servers listen on (TCP and UDP).
+pub const POD_PORT: u16 = 8080;
+
+/// Client <-> node <-> pods, as a host-gateway network would wire them: pods have a /32
+/// and a default route via a link-local gateway address on the node's pod interfaces; the node
+/// has a /32 route to each pod over its veth. The node also has the common
+/// `FORWARD -m conntrack --ctstate INVALID -j DROP` rule.
+pub struct Cluster {
+    pub client: Netns,
+    pub node: Netns,
+    pub pods: Vec<Pod>,
+    pub bpffs: PathBuf,
+    agent: Option<Child>,
+    agent_log: PathBuf,
+    lb: PathBuf,
+}
+
+impl Cluster {
+    pub fn new(lb: &Path, pod_names: &[&str]) -> Result<Self> {
+        let client = Netns::new("lbc")?;
+        let node = Netns::new("lbn")?;
+        veth(&node, "up0", &client, "eth0")?;
+        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "up0"])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+        client.ip(&["route", "add", "default", "via", &NODE_IP.to_string()])?;
+        // The client side behaves like a NIC's peer: it takes XDP_TX frames (GRO) and sends
+        // complete checksums (no tx offload).
+        client.exec("ethtool", &["-K", "eth0", "gro", "on", "tx", "off"])?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        node.exec("iptables", &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])?;
+        let mut pods = Vec::new();
+        for (i, name) in pod_names.iter().enumerate() {
+            let ns = Netns::new("lbp")?;
+            let ip = Ipv4Addr::new(10, 244, 0, 10 + i as u8);
+            let host_iface = format!("lbp{i}");
+            veth(&node, &host_iface, &ns, "eth0")?;
+            ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
+            ns.ip(&["route", "add", "default", "via", "169.254.1.1"])?;
+            // The pods' gateway is a link-local address every pod interface of the node has.
+            node.ip(&["addr", "add", "169.254.1.1/32", "dev", &host_iface, "scope", "link"])?;
+            node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
+            pods.push(Pod { name: name.to_string(), ns, ip, host_iface });
+        }
+        let bpffs = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
+        let agent_log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
+        Ok(Self { client, node, pods, bpffs, agent: None, agent_log, lb: lb.to_path_buf() })
+    }
+
+    /// Starts TCP and UDP servers in every pod that answer with the pod's name: TCP once per
+    /// line received (so a connection can be kept open and probed), UDP per datagram.
+    pub fn start_servers(&self) -> Result<()> {
+        for pod in &self.pods {
+            let name = pod.name.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            pod.ns.spawn(move || {
+                let tcp = TcpListener::bind(("0.0.0.0", POD_PORT));
+                let udp = UdpSocket::bind(("0.0.0.0", POD_PORT));
+                let ok = tcp.is_ok() && udp.is_ok();
+                let _ = tx.send(ok);
+                let (Ok(tcp), Ok(udp)) = (tcp, udp) else { return };
+                let uname = name.clone();
+                thread::spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while let Ok((_, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(uname.as_bytes(), from);
+                    }
+                });
+                for conn in tcp.incoming().flatten() {
+                    let name = name.clone();
+                    thread::spawn(move || {
+                        let mut w = conn.try_clone().expect("clone stream");
+                        for line in BufReader::new(conn).lines() {
+                            if line.is_err() || writeln!(w, "{name}").is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            })?;
+            if !rx.recv_timeout(Duration::from_secs(5)).unwrap_or(false) {
+                bail!("servers in pod {} did not start", pod.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the real agent in the node namespace on a manifest path and waits for its
+    /// first sync.
+    pub fn start_agent(&mut self, manifests: &Path) -> Result<()> {
+        let log = File::options().create(true).append(true).open(&self.agent_log)?;
+        let child = self
+            .node
+            .command(&self.lb)
+            .args(["agent", "--source"])
+            .arg(format!("file:{}", manifests.display()))
+            .args(["--node-name", "node1", "--external-iface", "up0", "--pod-iface", "lbp*"])
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(["--healthz-addr", "127.0.0.1:10256", "--metrics-addr", "127.0.0.1:10249"])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let synced_before = self.synced_count();
+        self.agent = Some(child);
+        self.wait_synced(synced_before + 1)?;
+        // The pod interfaces are attached right after the first sync.
+        self.wait_log(&format!("attached pod interface iface={}", self.pods.last().map_or("", |p| &p.host_iface)))
+    }
+
+    /// Kills the agent without giving it a chance to clean up.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.agent_log).unwrap_or_default()
+    }
+
+    /// How many times the agent has said "synced" so far.
+    pub fn synced_count(&self) -> usize {
+        self.log().lines().filter(|l| l.contains(" synced")).count()
+    }
+
+    pub fn wait_synced(&self, count: usize) -> Result<()> {
+        self.wait_until(|| self.synced_count() >= count)
+            .with_context(|| format!("agent did not sync; log:\n{}", self.log()))
+    }
+
+    fn wait_log(&self, needle: &str) -> Result<()> {
+        self.wait_until(|| self.log().contains(needle))
+            .with_context(|| format!("agent did not log {needle:?}; log:\n{}", self.log()))
+    }
+
+    fn wait_until(&self, mut f: impl FnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if f() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!("timed out")
+    }
+
+    /// `lb <sub> --bpffs <ours>` in the node namespace.
+    pub fn lb(&self, sub: &str, extra: &[&str]) -> Result<String> {
+        sh(self.node.command(&self.lb).arg(sub).arg("--bpffs").arg(&self.bpffs).args(extra))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_agent();
+        let _ = self.lb("reset", &[]);
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_file(&self.agent_log);
+    }
+}
+
+/// One request over a new TCP connection; the answering pod's name.
+pub fn tcp_request(to: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
+/// A kept-open TCP connection that answers one line per request.
+pub struct Session {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Session {
+    pub fn open(to: SocketAddr) -> std::io::Result<Self> {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(Self { writer: s.try_clone()?, reader: BufReader::new(s) })
+    }
+
+    pub fn ask(&mut self) -> std::io::Result<String> {
+        self.writer.write_all(b"again\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+/// A UDP socket with a fixed source port, connected to a service.
+pub fn udp_socket(to: SocketAddr) -> std::io::Result<UdpSocket> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.connect(to)?;
+    Ok(s)
+}
+
+pub fn udp_ask(s: &UdpSocket) -> std::io::Result<String> {
+    s.send(b"ping")?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
 

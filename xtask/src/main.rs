@@ -1,1 +1,121 @@
-fn main() {}
+//! `cargo xtask setup|build|test|lint|demo`: everything a fresh machine needs, from the
+//! Debian packages to the demo cluster.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the prerequisites (Debian packages, bpf-linker, bpffs); quick when present.
+    Setup,
+    /// Build the eBPF object and the `lb` binary that embeds it (target/release/lb).
+    Build,
+    /// Run every test: unit tests, packet fixtures and network-namespace tests.
+    Test,
+    /// cargo fmt --check and clippy.
+    Lint,
+    /// Run the agent on a demo cluster of network namespaces with real traffic.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => build().map(|_| ()),
+        Cmd::Test => test(),
+        Cmd::Lint => lint(),
+        Cmd::Demo => build().and_then(|_| demo::run(&root().join("target/release/lb"))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn exec(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Builds the eBPF object with whichever toolchain is present and returns its path.
+fn build_ebpf() -> Result<PathBuf> {
+    setup::run()?;
+    let root = root();
+    let target_dir = root.join("target/bpf");
+    let mut c = cargo();
+    let path = format!("{}:{}", setup::cargo_bin().display(), std::env::var("PATH").unwrap_or_default());
+    c.env("PATH", &path);
+    match setup::ebpf_toolchain()? {
+        setup::EbpfToolchain::Debian(version) => {
+            println!("eBPF toolchain: Debian rustc-web {version} (/usr/bin/rustc)");
+            c.env("RUSTC", "/usr/bin/rustc").env("RUSTC_BOOTSTRAP", "1");
+            c.args(["build", "--release", "-p", "lb-ebpf", "--target", "bpfel-unknown-none"]);
+        }
+        setup::EbpfToolchain::NightlyBuildStd => {
+            println!("eBPF toolchain: rustup nightly with rust-src (-Z build-std=core)");
+            c.env_remove("RUSTC");
+            c.args(["+nightly", "build", "--release", "-p", "lb-ebpf", "--target", "bpfel-unknown-none", "-Z", "build-std=core"]);
+        }
+    }
+    c.arg("--target-dir").arg(&target_dir);
+    exec(&mut c)?;
+    Ok(target_dir.join("bpfel-unknown-none/release/lb"))
+}
+
+/// The eBPF object, then the release binary that embeds it.
+fn build() -> Result<PathBuf> {
+    let object = build_ebpf()?;
+    exec(cargo().env("LB_EBPF_OBJECT", &object).args(["build", "--release", "-p", "lb-userspace"]))?;
+    let bin = root().join("target/release/lb");
+    println!("built {}", bin.display());
+    Ok(object)
+}
+
+fn test() -> Result<()> {
+    let object = build()?;
+    let bin = root().join("target/release/lb");
+    // Unit tests of every default member, then the privileged suites, one test at a time
+    // (they share kernel state such as bpffs).
+    exec(cargo().env("LB_EBPF_OBJECT", &object).args(["test", "--release", "--workspace"]))?;
+    exec(cargo()
+        .env("LB_EBPF_OBJECT", &object)
+        .env("LB_BIN", &bin)
+        .args(["test", "--release", "-p", "lb-userspace", "--test", "fixtures", "--test", "netns"])
+        .args(["--", "--include-ignored", "--test-threads=1"]))
+}
+
+fn lint() -> Result<()> {
+    exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    exec(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+}

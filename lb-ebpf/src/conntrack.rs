@@ -1,0 +1,180 @@
+//! The shared conntrack map: a forward entry per flow (client tuple -> backend) and a
+//! reply entry (backend tuple -> frontend), with lifetimes from CONFIG.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{ct_kind, proto, tcp_state, Config, CtKey, CtValue};
+
+use crate::{
+    maps::{BACKENDS, CONFIG, CONNTRACK},
+    parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    select::Choice,
+};
+
+const NS: u64 = 1_000_000_000;
+/// Refreshing `last_seen_ns` on every packet would write a shared cache line per packet;
+/// lifetimes are seconds to hours, so once a second is precise enough.
+const REFRESH_NS: u64 = NS;
+
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn lifetime_ns(proto_nr: u8, state: u8) -> u64 {
+    // An agent that has not written CONFIG yet leaves it zeroed: use the defaults.
+    let defaults = Config::default();
+    let c = match CONFIG.get(0) {
+        Some(c) if c.layout_version != 0 => c,
+        _ => &defaults,
+    };
+    let s = match (proto_nr, state) {
+        (proto::TCP, tcp_state::ESTABLISHED) => c.tcp_established_s,
+        (proto::TCP, tcp_state::CLOSING) => c.tcp_closing_s,
+        (proto::TCP, _) => c.tcp_opening_s,
+        (proto::UDP, _) => c.udp_s,
+        _ => c.other_s,
+    };
+    s as u64 * NS
+}
+
+/// An entry older than its lifetime is treated as absent (the LRU map reclaims it later).
+#[inline(always)]
+pub fn live(ct: &CtValue, proto_nr: u8, now: u64) -> bool {
+    now.saturating_sub(ct.last_seen_ns) <= lifetime_ns(proto_nr, ct.tcp_state)
+}
+
+#[inline(always)]
+fn next_tcp_state(current: u8, flags: u8) -> u8 {
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        tcp_state::CLOSING
+    } else {
+        current
+    }
+}
+
+/// Does a forward entry still name a usable backend? TCP flows keep their backend for
+/// their life (the pod may still serve them); other protocols re-select once the endpoint
+/// has left, so they are never black-holed.
+#[inline(always)]
+fn backend_still_valid(flow: &Flow, ct: &CtValue) -> bool {
+    if flow.proto == proto::TCP {
+        return true;
+    }
+    match unsafe { BACKENDS.get(&ct.backend_id) } {
+        Some(b) => b.addr == ct.nat_addr && b.port == ct.nat_port && b.service_id == ct.service_id,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn key_of(flow: &Flow) -> CtKey {
+    CtKey::new(flow.src, flow.dst, flow.sport, flow.dport, flow.proto)
+}
+
+/// The backend of an existing flow of service `service_id`, refreshing its entries.
+#[inline(always)]
+pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<(u32, u16)> {
+    let ct = CONNTRACK.get_ptr_mut(&key_of(flow))?;
+    let ct = unsafe { &mut *ct };
+    if ct.kind != ct_kind::FORWARD
+        || ct.service_id != service_id
+        || !live(ct, flow.proto, now)
+        || !backend_still_valid(flow, ct)
+    {
+        return None;
+    }
+    // A fresh SYN on a closed flow's tuple is a new connection: choose again.
+    let syn_only = flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if flow.proto == proto::TCP && syn_only && ct.tcp_state == tcp_state::CLOSING {
+        return None;
+    }
+    let state = next_tcp_state(ct.tcp_state, flow.tcp_flags);
+    if state != ct.tcp_state || now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
+        ct.tcp_state = state;
+        ct.last_seen_ns = now;
+        refresh_reply(flow, ct, now);
+    }
+    Some((ct.nat_addr, ct.nat_port))
+}
+
+/// Keeps the reply entry alive as long as the forward direction is.
+#[inline(always)]
+fn refresh_reply(flow: &Flow, ct: &CtValue, now: u64) {
+    let rev_key = CtKey::new(ct.nat_addr, flow.src, ct.nat_port, flow.sport, flow.proto);
+    if let Some(rev) = CONNTRACK.get_ptr_mut(&rev_key) {
+        unsafe {
+            (*rev).last_seen_ns = now;
+            (*rev).tcp_state = ct.tcp_state;
+        }
+    }
+}
+
+/// Records a new flow: the forward entry under the client's tuple and the reply entry
+/// under the backend's, which restores the frontend as the reply's source.
+#[inline(always)]
+pub fn create(flow: &Flow, service_id: u32, backend: &Choice, now: u64) {
+    let state = next_tcp_state(tcp_state::OPENING, flow.tcp_flags);
+    let fwd = CtValue::new(
+        ct_kind::FORWARD,
+        state,
+        service_id,
+        backend.id,
+        backend.addr,
+        backend.port,
+        now,
+    );
+    let rev = CtValue::new(
+        ct_kind::REPLY,
+        state,
+        service_id,
+        backend.id,
+        flow.dst,
+        flow.dport,
+        now,
+    );
+    let rev_key = CtKey::new(backend.addr, flow.src, backend.port, flow.sport, flow.proto);
+    // An LRU map evicts instead of failing; a failed insert only loses this flow's state.
+    let _ = CONNTRACK.insert(&rev_key, &rev, 0);
+    let _ = CONNTRACK.insert(&key_of(flow), &fwd, 0);
+}
+
+/// The frontend to restore as the source of a reply (address, port, service id), if the
+/// packet is a reply of a translated flow. A reply establishes an opening TCP flow.
+#[inline(always)]
+pub fn reply(flow: &Flow, now: u64) -> Option<(u32, u16, u32)> {
+    let ct = CONNTRACK.get_ptr_mut(&key_of(flow))?;
+    let ct = unsafe { &mut *ct };
+    if ct.kind != ct_kind::REPLY || !live(ct, flow.proto, now) {
+        return None;
+    }
+    let mut state = ct.tcp_state;
+    if flow.proto == proto::TCP && state == tcp_state::OPENING {
+        state = tcp_state::ESTABLISHED;
+        let fwd_key = CtKey::new(flow.dst, ct.nat_addr, flow.dport, ct.nat_port, flow.proto);
+        if let Some(fwd) = CONNTRACK.get_ptr_mut(&fwd_key) {
+            unsafe {
+                if (*fwd).tcp_state == tcp_state::OPENING {
+                    (*fwd).tcp_state = tcp_state::ESTABLISHED;
+                }
+                (*fwd).last_seen_ns = now;
+            }
+        }
+    }
+    let state = next_tcp_state(state, flow.tcp_flags);
+    if state != ct.tcp_state || now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
+        ct.tcp_state = state;
+        ct.last_seen_ns = now;
+    }
+    Some((ct.nat_addr, ct.nat_port, ct.service_id))
+}
+
+/// A live entry of `kind` under `key`, for the flow an ICMP error quotes.
+#[inline(always)]
+pub fn quoted(key: &CtKey, kind: u8, now: u64) -> Option<CtValue> {
+    let ct = unsafe { CONNTRACK.get(key) }?;
+    if ct.kind != kind || !live(ct, key.proto, now) {
+        return None;
+    }
+    Some(*ct)
+}

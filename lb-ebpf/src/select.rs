@@ -1,0 +1,86 @@
+//! Frontend lookup and the Maglev choice of a backend.
+
+use lb_common::{capacity, scope, service_flags, stats::drop_reason, ServiceKey, ServiceValue};
+
+use crate::{
+    maps::{BACKENDS, MAGLEV, NODE_ADDRS, SERVICES},
+    parse::Flow,
+};
+
+/// The frontend entry for a destination, trying the exact address first and then the
+/// NodePort wildcard when the destination is one of this node's addresses.
+#[inline(always)]
+pub fn frontend(flow: &Flow, scope_nr: u8) -> Option<ServiceValue> {
+    let key = ServiceKey::new(flow.dst, flow.dport, flow.proto, scope_nr);
+    if let Some(v) = unsafe { SERVICES.get(&key) } {
+        return Some(*v);
+    }
+    if is_node_address(flow.dst) {
+        let key = ServiceKey::new(0, flow.dport, flow.proto, scope_nr);
+        if let Some(v) = unsafe { SERVICES.get(&key) } {
+            return Some(*v);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn is_node_address(addr: u32) -> bool {
+    unsafe { NODE_ADDRS.get(&addr) }.is_some()
+}
+
+/// A ClusterIP that a service owns (its marker entry exists), whatever the port.
+#[inline(always)]
+pub fn known_cluster_ip(addr: u32) -> bool {
+    let key = ServiceKey::new(addr, 0, 0, scope::INTERNAL);
+    match unsafe { SERVICES.get(&key) } {
+        Some(v) => v.flags & service_flags::ADDRESS_ONLY != 0,
+        None => false,
+    }
+}
+
+/// An address that carries services: one of the node's or a ClusterIP. Used to decide
+/// whether an unparsable packet is worth counting.
+#[inline(always)]
+pub fn is_service_address(addr: u32) -> bool {
+    is_node_address(addr) || known_cluster_ip(addr)
+}
+
+#[inline(always)]
+fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+fn flow_hash(flow: &Flow) -> u32 {
+    let mut h = fmix(flow.src ^ 0x9e37_79b9);
+    h = fmix(h ^ flow.dst);
+    h = fmix(h ^ ((flow.sport as u32) << 16 | flow.dport as u32));
+    fmix(h ^ flow.proto as u32)
+}
+
+/// A backend chosen by the service's Maglev table.
+pub struct Choice {
+    pub id: u32,
+    pub addr: u32,
+    pub port: u16,
+}
+
+/// The backend for a new flow, or the drop reason when the table cannot name one.
+#[inline(always)]
+pub fn select(flow: &Flow, svc: &ServiceValue) -> Result<Choice, u32> {
+    if svc.maglev_len == 0 {
+        return Err(drop_reason::BAD_MAGLEV_RANGE);
+    }
+    let slot = svc.maglev_offset as u64 + (flow_hash(flow) % svc.maglev_len) as u64;
+    if slot >= capacity::MAGLEV as u64 {
+        return Err(drop_reason::BAD_MAGLEV_RANGE);
+    }
+    let id = *MAGLEV.get(slot as u32).ok_or(drop_reason::BAD_MAGLEV_RANGE)?;
+    let backend = unsafe { BACKENDS.get(&id) }.ok_or(drop_reason::BACKEND_MISSING)?;
+    Ok(Choice { id, addr: backend.addr, port: backend.port })
+}

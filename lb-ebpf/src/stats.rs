@@ -1,0 +1,33 @@
+//! Per-CPU counters: packets and bytes per service and per verdict, drops per reason.
+
+use lb_common::Counter;
+
+use crate::maps::{DROP_STATS, SVC_STATS, VERDICT_STATS};
+
+#[inline(always)]
+fn add(counter: Option<*mut Counter>, bytes: u64) {
+    if let Some(c) = counter {
+        // Per-CPU slots: no other writer races this one.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_verdict(verdict: u32, bytes: u64) {
+    add(VERDICT_STATS.get_ptr_mut(verdict), bytes);
+}
+
+#[inline(always)]
+pub fn count_service(id: u32, bytes: u64) {
+    add(SVC_STATS.get_ptr_mut(id), bytes);
+}
+
+#[inline(always)]
+pub fn count_drop(reason: u32) {
+    if let Some(c) = DROP_STATS.get_ptr_mut(reason) {
+        unsafe { *c += 1 };
+    }
+}

@@ -1,0 +1,258 @@
+//! The real agent in network namespaces with real TCP and UDP traffic: a client reaching
+//! NodePorts and LoadBalancer IPs over the node's uplink, pods reaching ClusterIPs.
+//! Needs root and the eBPF object: run through `cargo xtask test`.
+
+use std::{
+    collections::BTreeSet,
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use lb_userspace::testbed::{self, tcp_request, udp_ask, udp_socket, Cluster, Session, NODE_IP};
+
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const NODE_PORT: u16 = 30080;
+const EMPTY_NODE_PORT: u16 = 30081;
+
+fn lb_bin() -> PathBuf {
+    std::env::var_os("LB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"))
+}
+
+/// The echo service (TCP 80 and UDP 53 to the pods' 8080, NodePort, LB IP) with the given
+/// pods as endpoints, and a service without endpoints.
+fn manifest(cluster: &Cluster, endpoints: &[usize]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|&i| format!("- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n", cluster.pods[i].ip))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: {CLUSTER_IP}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 8080, nodePort: {NODE_PORT}, protocol: UDP}}
+status:
+  loadBalancer:
+    ingress: [{{ip: "{LB_IP}"}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-abc
+  namespace: demo
+  labels: {{kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 8080, protocol: UDP}}
+endpoints:
+{eps}---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: demo}}
+spec:
+  type: NodePort
+  clusterIP: {EMPTY_CLUSTER_IP}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {EMPTY_NODE_PORT}, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 8080, nodePort: {EMPTY_NODE_PORT}, protocol: UDP}}
+"#
+    )
+}
+
+struct Setup {
+    cluster: Cluster,
+    file: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// A cluster whose first `backends` pods are the echo service's endpoints.
+fn setup(pods: &[&str], backends: usize) -> Setup {
+    let mut cluster = Cluster::new(&lb_bin(), pods).expect("topology");
+    cluster.start_servers().expect("servers");
+    let file = std::env::temp_dir().join(format!("{}.yaml", testbed::unique("lbm")));
+    let eps: Vec<usize> = (0..backends).collect();
+    std::fs::write(&file, manifest(&cluster, &eps)).unwrap();
+    cluster.start_agent(&file).expect("agent");
+    Setup { cluster, file }
+}
+
+/// Rewrites the manifest in place (truncate and write, as editors and scripts do) and
+/// waits for the agent to apply it.
+fn rewrite(s: &Setup, endpoints: &[usize]) {
+    let before = s.cluster.synced_count();
+    std::fs::write(&s.file, manifest(&s.cluster, endpoints)).unwrap();
+    s.cluster.wait_synced(before + 1).expect("agent applied the change");
+}
+
+fn from_client<T: Send + 'static>(s: &Setup, f: impl FnOnce() -> T + Send + 'static) -> T {
+    s.cluster.client.run(f).expect("client namespace")
+}
+
+fn answers(s: &Setup, to: SocketAddr, n: usize) -> BTreeSet<String> {
+    from_client(s, move || (0..n).map(|_| tcp_request(to).expect("request through the service")).collect())
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn client_reaches_nodeport_and_lb_ip_on_both_pods_over_tcp_and_udp() {
+    let s = setup(&["pod-a", "pod-b"], 2);
+    let both: BTreeSet<String> = ["pod-a".into(), "pod-b".into()].into();
+    assert_eq!(answers(&s, SocketAddr::from((NODE_IP, NODE_PORT)), 40), both, "NodePort");
+    assert_eq!(answers(&s, SocketAddr::from((LB_IP, 80)), 40), both, "LB IP");
+    let udp: BTreeSet<String> = from_client(&s, || {
+        (0..40)
+            .map(|_| udp_ask(&udp_socket(SocketAddr::from((NODE_IP, NODE_PORT))).unwrap()).expect("UDP answer"))
+            .collect()
+    });
+    assert_eq!(udp, both, "UDP NodePort");
+    let services = s.cluster.lb("services", &[]).unwrap();
+    assert!(services.contains("203.0.113.10:80"), "{services}");
+    let stats = s.cluster.lb("stats", &["--output", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(v["verdicts"]["dnat"]["packets"].as_u64().unwrap() > 0, "{stats}");
+    assert!(v["verdicts"]["reverse_nat"]["packets"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn pod_reaches_cluster_ip_and_backend_sees_its_address() {
+    let s = setup(&["pod-a", "pod-b", "client"], 2);
+    let to = SocketAddr::from((CLUSTER_IP, 80));
+    let got: BTreeSet<String> = s.cluster.pods[2]
+        .ns
+        .run(move || (0..40).map(|_| tcp_request(to).expect("ClusterIP request")).collect())
+        .unwrap();
+    assert_eq!(got, ["pod-a", "pod-b"].iter().map(|s| s.to_string()).collect());
+    let ct = s.cluster.lb("conntrack", &["--output", "json"]).unwrap();
+    // No source NAT: the flow's client is the pod itself.
+    assert!(ct.contains(&format!("\"{}:", s.cluster.pods[2].ip)), "{ct}");
+    let to = SocketAddr::from((CLUSTER_IP, 53));
+    let answer = s.cluster.pods[2].ns.run(move || udp_ask(&udp_socket(to).unwrap())).unwrap();
+    assert!(answer.expect("UDP via ClusterIP").starts_with("pod-"));
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn removing_an_endpoint_moves_new_flows_and_keeps_established_ones() {
+    let s = setup(&["pod-a", "pod-b"], 2);
+    let to = SocketAddr::from((NODE_IP, NODE_PORT));
+    // Hold a connection to each pod.
+    let (a, b) = from_client(&s, move || {
+        let mut sessions: Vec<Session> = Vec::new();
+        let (mut a, mut b) = (None, None);
+        for _ in 0..64 {
+            let mut sess = Session::open(to).unwrap();
+            match sess.ask().unwrap().as_str() {
+                "pod-a" if a.is_none() => a = Some(sess),
+                "pod-b" if b.is_none() => b = Some(sess),
+                _ => sessions.push(sess),
+            }
+            if a.is_some() && b.is_some() {
+                break;
+            }
+        }
+        (a.expect("a flow to pod-a"), b.expect("a flow to pod-b"))
+    });
+    let udp_to = SocketAddr::from((NODE_IP, NODE_PORT));
+    let (udp_a, first) = from_client(&s, move || loop {
+        let sock = udp_socket(udp_to).unwrap();
+        let who = udp_ask(&sock).unwrap();
+        if who == "pod-b" {
+            break (sock, who);
+        }
+    });
+    assert_eq!(first, "pod-b");
+
+    rewrite(&s, &[0]); // pod-b leaves the endpoints
+    let got = answers(&s, to, 30);
+    assert_eq!(got, ["pod-a".to_string()].into(), "new connections avoid the removed pod");
+    let (a, b, again) = from_client(&s, move || {
+        let (mut a, mut b) = (a, b);
+        let again = udp_ask(&udp_a);
+        (a.ask(), b.ask(), again)
+    });
+    assert_eq!(a.unwrap(), "pod-a", "established flow to a remaining endpoint keeps working");
+    // As with kube-proxy, a TCP flow keeps its backend address for its life.
+    assert_eq!(b.unwrap(), "pod-b");
+    assert_eq!(again.expect("UDP flow re-selected, not black-holed"), "pod-a");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn service_without_endpoints_refuses_promptly() {
+    let s = setup(&["pod-a", "client"], 1);
+    let check = |r: std::io::Result<String>, what: &str, started: Instant| {
+        let e = r.expect_err(what);
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{what}: {e}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{what}: refusal was not prompt");
+    };
+    let (tcp, udp, t) = from_client(&s, || {
+        let t = Instant::now();
+        let tcp = tcp_request(SocketAddr::from((NODE_IP, EMPTY_NODE_PORT)));
+        let udp = udp_ask(&udp_socket(SocketAddr::from((NODE_IP, EMPTY_NODE_PORT))).unwrap());
+        (tcp, udp, t)
+    });
+    check(tcp, "TCP NodePort without endpoints", t);
+    check(udp, "UDP NodePort without endpoints", t);
+    let (tcp, udp, port, t) = s.cluster.pods[1]
+        .ns
+        .run(|| {
+            let t = Instant::now();
+            let tcp = tcp_request(SocketAddr::from((EMPTY_CLUSTER_IP, 80)));
+            let udp = udp_ask(&udp_socket(SocketAddr::from((EMPTY_CLUSTER_IP, 53))).unwrap());
+            // A known ClusterIP on a port no service declares.
+            let port = tcp_request(SocketAddr::from((CLUSTER_IP, 81)));
+            (tcp, udp, port, t)
+        })
+        .unwrap();
+    check(tcp, "TCP ClusterIP without endpoints", t);
+    check(udp, "UDP ClusterIP without endpoints", t);
+    check(port, "ClusterIP on an undeclared port", t);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn agent_restart_keeps_connections_and_service() {
+    let mut s = setup(&["pod-a", "pod-b"], 2);
+    let to = SocketAddr::from((NODE_IP, NODE_PORT));
+    let sess = from_client(&s, move || {
+        let mut sess = Session::open(to).unwrap();
+        sess.ask().unwrap();
+        sess
+    });
+    s.cluster.kill_agent();
+    let (sess, down) = from_client(&s, move || {
+        let mut sess = sess;
+        let r = sess.ask();
+        (sess, r.map(|_| tcp_request(to)))
+    });
+    down.expect("established flow while the agent is down").expect("new connection while the agent is down");
+    let services_before = s.cluster.lb("services", &["--output", "json"]).unwrap();
+    s.cluster.start_agent(&s.file.clone()).expect("agent restarts");
+    let log = s.cluster.log();
+    let last_sync = log.lines().filter(|l| l.contains(" synced")).last().unwrap().to_string();
+    assert!(last_sync.contains("writes=0"), "restart rewrote the maps: {last_sync}");
+    assert_eq!(s.cluster.lb("services", &["--output", "json"]).unwrap(), services_before, "ids changed");
+    let after = from_client(&s, move || {
+        let mut sess = sess;
+        (sess.ask(), tcp_request(to))
+    });
+    after.0.expect("established flow after restart");
+    after.1.expect("new connection after restart");
+}
