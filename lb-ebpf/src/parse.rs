@@ -16,6 +16,10 @@ pub const TCP_ACK: u8 = 0x10;
 /// A pointer to a `T` at `off` bytes into the packet, if the packet is long enough.
 #[inline(always)]
 pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
+    // The verifier needs this check where the access is; the compiler would drop it when
+    // an earlier check implies it, so the end is read through a volatile load it cannot
+    // reason about.
+    let data_end = unsafe { core::ptr::read_volatile(&data_end) };
     if data + off + size_of::<T>() > data_end {
         return None;
     }

@@ -1,1 +1,116 @@
+use super::*;
+use crate::{
+    desired::{DesiredBackend, DesiredFrontend},
+    sync::MemoryMaps,
+};
+use lb_common::{backend_state, kind};
 
+fn id(name: &str) -> ServicePortId {
+    ServicePortId { namespace: "ns".into(), name: name.into(), port_name: "http".into(), protocol: lb_common::proto::TCP }
+}
+
+fn desired(services: &[(&str, u8, &[u8])]) -> DesiredMaps {
+    let mut d = DesiredMaps::default();
+    for (name, ip_last, backends) in services {
+        let backends: Vec<DesiredBackend> = backends
+            .iter()
+            .map(|b| DesiredBackend { addr: Ipv4Addr::new(10, 0, 0, *b), port: 8080, state: backend_state::ACTIVE, local: true })
+            .collect();
+        let frontends = vec![DesiredFrontend {
+            addr: Ipv4Addr::new(10, 96, 0, *ip_last),
+            port: 80,
+            scope: scope::INTERNAL,
+            kind: kind::CLUSTER_IP,
+            local_policy: false,
+            selection: (0..backends.len()).collect(),
+        }];
+        d.services.insert(id(name), DesiredService { backends, frontends, affinity_timeout: None });
+        d.cluster_ips.insert(Ipv4Addr::new(10, 96, 0, *ip_last));
+    }
+    d.node_addresses.insert(Ipv4Addr::new(192, 0, 2, 1));
+    d
+}
+
+fn entry(s: &Syncer<MemoryMaps>, ip_last: u8) -> ServiceValue {
+    let key = ServiceKey::new(addr::ipv4([10, 96, 0, ip_last]), addr::port(80), lb_common::proto::TCP, scope::INTERNAL);
+    *s.store().services.get(&key).expect("frontend entry")
+}
+
+#[test]
+fn second_apply_of_the_same_state_writes_nothing() {
+    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    let d = desired(&[("a", 1, &[1, 2]), ("b", 2, &[3])]);
+    let r = s.apply(&d);
+    assert!(r.errors.is_empty() && r.writes > 0, "{r:?}");
+    let r = s.apply(&d);
+    assert_eq!((r.writes, r.deletes), (0, 0), "{r:?}");
+}
+
+#[test]
+fn restart_recovers_ids_and_tables_without_writes() {
+    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    let d = desired(&[("a", 1, &[1, 2]), ("b", 2, &[3])]);
+    s.apply(&d);
+    let (a, b) = (entry(&s, 1), entry(&s, 2));
+    let mut again = Syncer::recover(s.store().clone()).unwrap();
+    let r = again.apply(&d);
+    assert_eq!((r.writes, r.deletes), (0, 0), "{r:?}");
+    assert_eq!((entry(&again, 1), entry(&again, 2)), (a, b));
+}
+
+#[test]
+fn a_changed_selection_gets_a_fresh_range_written_before_the_flip() {
+    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    s.apply(&desired(&[("a", 1, &[1, 2])]));
+    let before = entry(&s, 1);
+    let mark = s.store().log.len();
+    s.apply(&desired(&[("a", 1, &[1])]));
+    let after = entry(&s, 1);
+    assert_ne!(after.maglev_offset, before.maglev_offset, "the range in use must not be rewritten");
+    let log = &s.store().log[mark..];
+    let pos = |p: &str| log.iter().position(|l| l.starts_with(p)).unwrap_or_else(|| panic!("{p} missing in {log:?}"));
+    assert!(pos("write_maglev") < pos("put_service"), "{log:?}");
+    assert!(pos("put_service") < pos("delete_backend"), "{log:?}");
+    let table = s.store().maglev(after.maglev_offset, after.maglev_len).unwrap();
+    let remaining: std::collections::BTreeSet<u32> = table.into_iter().collect();
+    assert_eq!(remaining.len(), 1);
+    assert!(s.store().backends.contains_key(remaining.iter().next().unwrap()));
+}
+
+#[test]
+fn new_backends_are_written_before_the_table_that_names_them() {
+    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    s.apply(&desired(&[("a", 1, &[1])]));
+    let mark = s.store().log.len();
+    s.apply(&desired(&[("a", 1, &[1, 2])]));
+    let log = &s.store().log[mark..];
+    let backend = log.iter().position(|l| l.starts_with("put_backend")).unwrap();
+    let table = log.iter().position(|l| l.starts_with("write_maglev")).unwrap();
+    assert!(backend < table, "{log:?}");
+}
+
+#[test]
+fn removed_services_are_deleted_and_their_ids_reused_later() {
+    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    s.apply(&desired(&[("a", 1, &[1]), ("b", 2, &[2])]));
+    let r = s.apply(&desired(&[("b", 2, &[2])]));
+    assert!(r.deletes >= 3, "frontend, marker, backend: {r:?}");
+    assert_eq!(s.store().services.len(), 2, "b's frontend and marker");
+    assert_eq!(s.store().backends.len(), 1);
+}
+
+#[test]
+fn a_full_map_is_reported_and_the_rest_applied() {
+    let mut s = Syncer::recover(MemoryMaps::with_capacity(3, 1 << 16)).unwrap();
+    let r = s.apply(&desired(&[("a", 1, &[1]), ("b", 2, &[2])]));
+    assert!(r.map_full >= 1, "{r:?}");
+    assert_eq!(s.store().services.len(), 3, "what fits is written");
+}
+
+#[test]
+fn no_endpoints_means_an_entry_without_table() {
+    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    s.apply(&desired(&[("a", 1, &[])]));
+    let e = entry(&s, 1);
+    assert_eq!((e.backend_count, e.maglev_len), (0, 0));
+}
