@@ -137,7 +137,14 @@ pub struct BackendValue {
 }
 
 impl BackendValue {
-    pub const fn new(addr: u32, port: u16, proto: u8, state: u8, service_id: u32, flags: u8) -> Self {
+    pub const fn new(
+        addr: u32,
+        port: u16,
+        proto: u8,
+        state: u8,
+        service_id: u32,
+        flags: u8,
+    ) -> Self {
         Self {
             addr,
             port,
@@ -164,7 +171,13 @@ pub struct CtKey {
 }
 
 impl CtKey {
-    pub const fn new(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> Self {
+    pub const fn new(
+        src_addr: u32,
+        dst_addr: u32,
+        src_port: u16,
+        dst_port: u16,
+        proto: u8,
+    ) -> Self {
         Self {
             src_addr,
             dst_addr,

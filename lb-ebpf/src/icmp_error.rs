@@ -35,7 +35,10 @@ pub fn is_error(data: usize, data_end: usize, flow: &Flow) -> bool {
     // The whole header: a one-byte check compiles to a comparison the verifier reads as
     // proving nothing.
     match ptr_at::<[u8; ICMP_HLEN]>(data, data_end, flow.l4_off) {
-        Some(h) => matches!(unsafe { (*h)[0] }, DEST_UNREACH | TIME_EXCEEDED | PARAMETER_PROBLEM),
+        Some(h) => matches!(
+            unsafe { (*h)[0] },
+            DEST_UNREACH | TIME_EXCEEDED | PARAMETER_PROBLEM
+        ),
         None => false,
     }
 }
@@ -72,7 +75,11 @@ pub fn translate(data: usize, data_end: usize, flow: &Flow, kind: u8) -> Option<
 
     // Which quoted end changes, and which outer end mirrors it.
     let to_client = kind == ct_kind::REPLY;
-    let (old_addr, old_port) = if to_client { (dst, dport) } else { (src, sport) };
+    let (old_addr, old_port) = if to_client {
+        (dst, dport)
+    } else {
+        (src, sport)
+    };
     let (addr_off, port_off, outer_off) = if to_client { (16, 2, 12) } else { (12, 0, 16) };
     let (new_addr, new_port) = (ct.nat_addr, ct.nat_port);
     let outer: *mut u32 = ptr_at(data, data_end, flow.l3_off + outer_off)?;
@@ -88,7 +95,8 @@ pub fn translate(data: usize, data_end: usize, flow: &Flow, kind: u8) -> Option<
     if let Some(p) = l4_csum {
         let old = unsafe { p.read_unaligned() };
         if inner_proto == proto::TCP || old != 0 {
-            let mut new = csum::update16(csum::update32(old, old_addr, new_addr), old_port, new_port);
+            let mut new =
+                csum::update16(csum::update32(old, old_addr, new_addr), old_port, new_port);
             if inner_proto == proto::UDP && new == 0 {
                 new = 0xffff;
             }
@@ -112,7 +120,11 @@ pub fn translate(data: usize, data_end: usize, flow: &Flow, kind: u8) -> Option<
     // The outer header is not covered by the ICMP checksum, only by its own.
     unsafe {
         if outer.read_unaligned() == old_addr {
-            outer_csum.write_unaligned(csum::update32(outer_csum.read_unaligned(), old_addr, new_addr));
+            outer_csum.write_unaligned(csum::update32(
+                outer_csum.read_unaligned(),
+                old_addr,
+                new_addr,
+            ));
             outer.write_unaligned(new_addr);
         }
     }

@@ -110,7 +110,11 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
     }
     match service::forward(flow, scope_nr) {
         Forward::Pass => Outcome::Pass,
-        Forward::Dnat { addr, port, service } => {
+        Forward::Dnat {
+            addr,
+            port,
+            service,
+        } => {
             count_service(service, bytes);
             if ctx.rewrite(flow, End::Dst, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
@@ -257,7 +261,8 @@ fn tc_reject(ctx: &TcContext, flow: &Flow) -> Option<()> {
         if flow.l3_off != parse::ETH_HLEN {
             return None;
         }
-        ctx.adjust_room(reject::ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0).ok()?;
+        ctx.adjust_room(reject::ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
+            .ok()?;
         // adjust_room invalidates packet pointers; make the headers directly readable.
         let want = (flow.l4_off + reject::ICMP_ROOM + 8) as u32;
         ctx.pull_data(want).ok()?;

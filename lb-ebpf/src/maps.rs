@@ -6,13 +6,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    capacity, stats, BackendValue, Config, Counter, CtKey, CtValue, FragKey, FragValue,
-    ServiceKey, ServiceValue,
+    capacity, stats, BackendValue, Config, Counter, CtKey, CtValue, FragKey, FragValue, ServiceKey,
+    ServiceValue,
 };
 
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(capacity::SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
 pub static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(capacity::BACKENDS, 0);
 #[map]
@@ -20,8 +19,7 @@ pub static MAGLEV: Array<u32> = Array::pinned(capacity::MAGLEV, 0);
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map]
-pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
-    LruHashMap::pinned(capacity::FRAGMENTS, 0);
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
 #[map]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(capacity::NODE_ADDRESSES, 0);
 #[map]

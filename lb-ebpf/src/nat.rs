@@ -102,7 +102,11 @@ impl Rewrite for TcContext {
         let old_addr: u32 = self.load(flow.l3_off + end.addr_off()).map_err(|_| ())?;
         if has_ports(flow) {
             let csum_off = l4_csum_off(flow);
-            let mangled = if flow.proto == proto::UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+            let mangled = if flow.proto == proto::UDP {
+                BPF_F_MARK_MANGLED_0 as u64
+            } else {
+                0
+            };
             let port_off = flow.l4_off + end.port_off();
             let old_port: u16 = self.load(port_off).map_err(|_| ())?;
             self.l4_csum_replace(
@@ -118,7 +122,8 @@ impl Rewrite for TcContext {
         }
         self.l3_csum_replace(flow.l3_off + 10, old_addr as u64, addr as u64, 4)
             .map_err(|_| ())?;
-        self.store(flow.l3_off + end.addr_off(), &addr, 0).map_err(|_| ())?;
+        self.store(flow.l3_off + end.addr_off(), &addr, 0)
+            .map_err(|_| ())?;
         Ok(())
     }
 }

@@ -80,7 +80,13 @@ pub fn select(flow: &Flow, svc: &ServiceValue) -> Result<Choice, u32> {
     if slot >= capacity::MAGLEV as u64 {
         return Err(drop_reason::BAD_MAGLEV_RANGE);
     }
-    let id = *MAGLEV.get(slot as u32).ok_or(drop_reason::BAD_MAGLEV_RANGE)?;
+    let id = *MAGLEV
+        .get(slot as u32)
+        .ok_or(drop_reason::BAD_MAGLEV_RANGE)?;
     let backend = unsafe { BACKENDS.get(&id) }.ok_or(drop_reason::BACKEND_MISSING)?;
-    Ok(Choice { id, addr: backend.addr, port: backend.port })
+    Ok(Choice {
+        id,
+        addr: backend.addr,
+        port: backend.port,
+    })
 }

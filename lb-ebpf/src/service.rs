@@ -13,9 +13,18 @@ pub enum Forward {
     /// Not a service: leave the packet alone.
     Pass,
     /// Send to this backend.
-    Dnat { addr: u32, port: u16, service: u32 },
-    Reject { service: u32 },
-    Drop { service: u32, reason: u32 },
+    Dnat {
+        addr: u32,
+        port: u16,
+        service: u32,
+    },
+    Reject {
+        service: u32,
+    },
+    Drop {
+        service: u32,
+        reason: u32,
+    },
 }
 
 /// Decides the fate of a TCP or UDP packet that may be addressed to a service.
@@ -33,19 +42,33 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
     };
     let now = conntrack::now();
     if let Some((addr, port)) = conntrack::forward(flow, svc.id, now) {
-        return Forward::Dnat { addr, port, service: svc.id };
+        return Forward::Dnat {
+            addr,
+            port,
+            service: svc.id,
+        };
     }
     if svc.backend_count == 0 {
         if svc.flags & service_flags::LOCAL_POLICY != 0 {
-            return Forward::Drop { service: svc.id, reason: drop_reason::NO_LOCAL_ENDPOINT };
+            return Forward::Drop {
+                service: svc.id,
+                reason: drop_reason::NO_LOCAL_ENDPOINT,
+            };
         }
         return Forward::Reject { service: svc.id };
     }
     match select(flow, &svc) {
         Ok(backend) => {
             conntrack::create(flow, svc.id, &backend, now);
-            Forward::Dnat { addr: backend.addr, port: backend.port, service: svc.id }
+            Forward::Dnat {
+                addr: backend.addr,
+                port: backend.port,
+                service: svc.id,
+            }
         }
-        Err(reason) => Forward::Drop { service: svc.id, reason },
+        Err(reason) => Forward::Drop {
+            service: svc.id,
+            reason,
+        },
     }
 }

@@ -50,15 +50,26 @@ fn fingerprint(source: &ManifestSource) -> Vec<(PathBuf, u64, Option<SystemTime>
 fn node_context(args: &AgentArgs, uplinks: &[String]) -> anyhow::Result<NodeContext> {
     let node_name = match &args.node_name {
         Some(n) => n.clone(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
+            .trim()
+            .to_string(),
     };
     let node_addresses: Vec<Ipv4Addr> = if args.node_ips.is_empty() {
         let all = interfaces::list()?;
-        uplinks.iter().filter_map(|i| all.get(i)).flatten().copied().collect()
+        uplinks
+            .iter()
+            .filter_map(|i| all.get(i))
+            .flatten()
+            .copied()
+            .collect()
     } else {
         args.node_ips.clone()
     };
-    Ok(NodeContext { node_name, node_addresses, zone: None })
+    Ok(NodeContext {
+        node_name,
+        node_addresses,
+        zone: None,
+    })
 }
 
 struct Agent {
@@ -111,10 +122,19 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let node = node_context(&args, &uplinks)?;
     tracing::info!(node = %node.node_name, addresses = ?node.node_addresses, "node");
     let health = Arc::new(Health::new()?);
-    tokio::spawn(health::serve(args.healthz_addr, args.metrics_addr, health.clone()));
+    tokio::spawn(health::serve(
+        args.healthz_addr,
+        args.metrics_addr,
+        health.clone(),
+    ));
 
     let syncer = Syncer::recover(dp.maps()?)?;
-    let mut agent = Agent { source: ManifestSource::new(&path), node, syncer, health };
+    let mut agent = Agent {
+        source: ManifestSource::new(&path),
+        node,
+        syncer,
+        health,
+    };
     let mut seen = fingerprint(&agent.source);
     agent.apply();
     attach_pods(&mut dp, &args.pod_ifaces, &uplinks);

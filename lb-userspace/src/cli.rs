@@ -9,7 +9,11 @@ use crate::datapath::XdpModeArg;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
 
 #[derive(Parser, Debug)]
-#[command(name = "lb", version, about = "eBPF service load balancer for Kubernetes")]
+#[command(
+    name = "lb",
+    version,
+    about = "eBPF service load balancer for Kubernetes"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -126,13 +130,33 @@ mod tests {
     #[test]
     fn agent_command_line_contract() {
         let cli = Cli::try_parse_from([
-            "lb", "agent", "--source", "file:/m", "--node-name", "n1", "--external-iface", "e0",
-            "--external-iface", "e1", "--node-ip", "192.0.2.1", "--pod-iface", "lbp*", "--bpffs",
-            "/sys/fs/bpf/x", "--xdp-mode", "generic", "--healthz-addr", "127.0.0.1:1",
-            "--metrics-addr", "127.0.0.1:2",
+            "lb",
+            "agent",
+            "--source",
+            "file:/m",
+            "--node-name",
+            "n1",
+            "--external-iface",
+            "e0",
+            "--external-iface",
+            "e1",
+            "--node-ip",
+            "192.0.2.1",
+            "--pod-iface",
+            "lbp*",
+            "--bpffs",
+            "/sys/fs/bpf/x",
+            "--xdp-mode",
+            "generic",
+            "--healthz-addr",
+            "127.0.0.1:1",
+            "--metrics-addr",
+            "127.0.0.1:2",
         ])
         .unwrap();
-        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
         assert_eq!(a.source_path().unwrap(), PathBuf::from("/m"));
         assert_eq!(a.external_ifaces, ["e0", "e1"]);
         assert_eq!(a.pod_ifaces, ["lbp*"]);
@@ -142,7 +166,9 @@ mod tests {
 
     #[test]
     fn defaults_match_kube_proxy() {
-        let Command::Agent(a) = Cli::try_parse_from(["lb", "agent", "--source", "file:x"]).unwrap().command
+        let Command::Agent(a) = Cli::try_parse_from(["lb", "agent", "--source", "file:x"])
+            .unwrap()
+            .command
         else {
             panic!("not agent")
         };

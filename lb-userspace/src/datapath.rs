@@ -58,10 +58,20 @@ pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
         let fstype = CString::new("bpf")?;
         // SAFETY: all pointers are valid C strings or null.
         let rc = unsafe {
-            libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
-            bail!("mount bpffs at {}: {}", root.display(), std::io::Error::last_os_error());
+            bail!(
+                "mount bpffs at {}: {}",
+                root.display(),
+                std::io::Error::last_os_error()
+            );
         }
         tracing::info!(path = %root.display(), "mounted bpffs");
     }
@@ -71,7 +81,10 @@ pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
 
 /// Older kernels charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: a valid rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK");
@@ -122,11 +135,13 @@ impl Datapath {
             .default_map_pin_directory(dir)
             .load(object)
             .context("load the eBPF programs")?;
-        let mut dp = Self { ebpf, dir: dir.to_path_buf(), attached: BTreeSet::new() };
-        for name in ["lb_xdp"] {
-            let p: &mut Xdp = dp.program(name)?;
-            p.load().with_context(|| format!("load {name}"))?;
-        }
+        let mut dp = Self {
+            ebpf,
+            dir: dir.to_path_buf(),
+            attached: BTreeSet::new(),
+        };
+        let xdp: &mut Xdp = dp.program("lb_xdp")?;
+        xdp.load().context("load lb_xdp")?;
         for name in ["lb_pod_ingress", "lb_pod_egress", "lb_uplink_egress"] {
             let p: &mut SchedClassifier = dp.program(name)?;
             p.load().with_context(|| format!("load {name}"))?;
@@ -138,7 +153,10 @@ impl Datapath {
     where
         &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
     {
-        let p = self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
+        let p = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?;
         Ok(p.try_into()?)
     }
 
@@ -192,7 +210,8 @@ impl Datapath {
                 let fd: FdLink = link.try_into().context("XDP attached without bpf_link")?;
                 let pin = links.join(format!("xdp-{m}-{iface}"));
                 // The pin keeps the attachment after this process ends.
-                fd.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
+                fd.pin(&pin)
+                    .with_context(|| format!("pin {}", pin.display()))?;
                 m.to_string()
             }
         };
@@ -204,38 +223,55 @@ impl Datapath {
     /// priority and handle (replaced in place when it exists).
     pub fn attach_tc(&mut self, iface: &str, program: &str, egress: bool) -> anyhow::Result<()> {
         let _ = tc::qdisc_add_clsact(iface);
-        let attach_type = if egress { TcAttachType::Egress } else { TcAttachType::Ingress };
-        let prog: &mut SchedClassifier = self.program(program)?;
-        let options =
-            NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, ..Default::default() };
-        let id = match prog.attach_with_options(iface, attach_type, TcAttachOptions::Netlink(options)) {
-            Ok(id) => id,
-            // Our filter is there already (an earlier agent): put the new program in it.
-            Err(_) => {
-                let link =
-                    SchedClassifierLink::attached(iface, attach_type, TC_PRIORITY, TC_HANDLE, None)?;
-                prog.attach_to_link(link).with_context(|| format!("replace TC on {iface}"))?
-            }
+        let attach_type = if egress {
+            TcAttachType::Egress
+        } else {
+            TcAttachType::Ingress
         };
+        let prog: &mut SchedClassifier = self.program(program)?;
+        let options = NlOptions {
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+            ..Default::default()
+        };
+        let id =
+            match prog.attach_with_options(iface, attach_type, TcAttachOptions::Netlink(options)) {
+                Ok(id) => id,
+                // Our filter is there already (an earlier agent): put the new program in it.
+                Err(_) => {
+                    let link = SchedClassifierLink::attached(
+                        iface,
+                        attach_type,
+                        TC_PRIORITY,
+                        TC_HANDLE,
+                        None,
+                    )?;
+                    prog.attach_to_link(link)
+                        .with_context(|| format!("replace TC on {iface}"))?
+                }
+            };
         // Netlink filters stay until removed; the agent exiting must not remove them.
         std::mem::forget(prog.take_link(id)?);
         let hook = if egress { "tc-egress" } else { "tc-ingress" };
         self.attached.insert((iface.to_string(), hook));
         Ok(())
     }
-
 }
 
 /// Detaches everything the agent attached in this network namespace and removes the pins.
 pub fn reset(dir: &Path) -> anyhow::Result<()> {
     if !dir.exists() {
-        bail!("no data path pinned at {} (nothing to reset)", dir.display());
+        bail!(
+            "no data path pinned at {} (nothing to reset)",
+            dir.display()
+        );
     }
     // Our TC filters carry a fixed priority and handle: remove them wherever they are in
     // this network namespace. XDP links go with their pins below.
     for iface in interfaces::list()?.keys() {
         for t in [TcAttachType::Ingress, TcAttachType::Egress] {
-            if let Ok(link) = SchedClassifierLink::attached(iface, t, TC_PRIORITY, TC_HANDLE, None) {
+            if let Ok(link) = SchedClassifierLink::attached(iface, t, TC_PRIORITY, TC_HANDLE, None)
+            {
                 let _ = link.detach();
             }
         }

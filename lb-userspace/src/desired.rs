@@ -22,7 +22,11 @@ impl fmt::Display for ServicePortId {
             lb_common::proto::UDP => "UDP",
             _ => "?",
         };
-        write!(f, "{}/{}:{}/{}", self.namespace, self.name, self.port_name, proto)
+        write!(
+            f,
+            "{}/{}:{}/{}",
+            self.namespace, self.name, self.port_name, proto
+        )
     }
 }
 

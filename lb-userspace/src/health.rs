@@ -32,7 +32,10 @@ pub struct Health {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 impl Health {
@@ -71,16 +74,28 @@ impl Health {
         let full = report.map_full as u64;
         let other = report.errors.len() as u64 - full;
         if full > 0 {
-            self.map_errors.get_or_create(&ReasonLabel { reason: "full".into() }).inc_by(full);
+            self.map_errors
+                .get_or_create(&ReasonLabel {
+                    reason: "full".into(),
+                })
+                .inc_by(full);
         }
         if other > 0 {
-            self.map_errors.get_or_create(&ReasonLabel { reason: "other".into() }).inc_by(other);
+            self.map_errors
+                .get_or_create(&ReasonLabel {
+                    reason: "other".into(),
+                })
+                .inc_by(other);
         }
     }
 
     fn body(&self) -> String {
         let last = self.last_sync_ms.load(Ordering::Relaxed);
-        format!(r#"{{"lastUpdated": "{}", "currentTime": "{}"}}"#, last, now_ms())
+        format!(
+            r#"{{"lastUpdated": "{}", "currentTime": "{}"}}"#,
+            last,
+            now_ms()
+        )
     }
 }
 
@@ -113,7 +128,9 @@ pub async fn serve(healthz_addr: SocketAddr, metrics_addr: SocketAddr, health: A
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .with_state(health.clone());
-    let m = Router::new().route("/metrics", get(metrics)).with_state(health);
+    let m = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(health);
     let bind = |addr| async move {
         let l = tokio::net::TcpListener::bind(addr).await;
         if let Err(e) = &l {

@@ -17,7 +17,10 @@ use crate::{
 
 fn ensure(dir: &Path) -> anyhow::Result<()> {
     if !dir.join(maps::SERVICES).exists() {
-        bail!("no data path pinned at {} (is the agent running?)", dir.display());
+        bail!(
+            "no data path pinned at {} (is the agent running?)",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -68,7 +71,10 @@ pub fn services(dir: &Path, output: Output) -> anyhow::Result<()> {
             continue;
         }
         let table: std::collections::BTreeSet<u32> = if v.maglev_len > 0 {
-            store.maglev(v.maglev_offset, v.maglev_len)?.into_iter().collect()
+            store
+                .maglev(v.maglev_offset, v.maglev_len)?
+                .into_iter()
+                .collect()
         } else {
             Default::default()
         };
@@ -110,19 +116,29 @@ pub fn services(dir: &Path, output: Output) -> anyhow::Result<()> {
             },
             frontend,
             protocol: proto_name(k.proto),
-            scope: if k.scope == scope::EXTERNAL { "external" } else { "internal" },
+            scope: if k.scope == scope::EXTERNAL {
+                "external"
+            } else {
+                "internal"
+            },
             flags,
-            affinity_timeout: (v.flags & service_flags::AFFINITY != 0).then_some(v.affinity_timeout),
+            affinity_timeout: (v.flags & service_flags::AFFINITY != 0)
+                .then_some(v.affinity_timeout),
             maglev_len: v.maglev_len,
             backends: bs,
         });
     }
-    rows.sort_by(|a, b| (a.service_id, &a.frontend, a.scope).cmp(&(b.service_id, &b.frontend, b.scope)));
+    rows.sort_by(|a, b| {
+        (a.service_id, &a.frontend, a.scope).cmp(&(b.service_id, &b.frontend, b.scope))
+    });
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<5} {:<12} {:<22} {:<5} {:<9} {:<16} BACKENDS", "ID", "KIND", "FRONTEND", "PROTO", "SCOPE", "FLAGS");
+    println!(
+        "{:<5} {:<12} {:<22} {:<5} {:<9} {:<16} BACKENDS",
+        "ID", "KIND", "FRONTEND", "PROTO", "SCOPE", "FLAGS"
+    );
     for r in rows {
         let backends: Vec<String> = r
             .backends
@@ -138,8 +154,16 @@ pub fn services(dir: &Path, output: Output) -> anyhow::Result<()> {
                 s + ")"
             })
             .collect();
-        let flags = if r.flags.is_empty() { "-".to_string() } else { r.flags.join(",") };
-        let backends = if backends.is_empty() { "(none)".to_string() } else { backends.join(" ") };
+        let flags = if r.flags.is_empty() {
+            "-".to_string()
+        } else {
+            r.flags.join(",")
+        };
+        let backends = if backends.is_empty() {
+            "(none)".to_string()
+        } else {
+            backends.join(" ")
+        };
         println!(
             "{:<5} {:<12} {:<22} {:<5} {:<9} {:<16} {}",
             r.service_id, r.kind, r.frontend, r.protocol, r.scope, flags, backends
@@ -160,7 +184,10 @@ struct FlowRow {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer; bpf_ktime_get_ns uses CLOCK_MONOTONIC.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -196,7 +223,10 @@ pub fn conntrack(dir: &Path, output: Output) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<5} {:<22} {:<22} {:<22} {:<12} IDLE", "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE");
+    println!(
+        "{:<5} {:<22} {:<22} {:<22} {:<12} IDLE",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE"
+    );
     for r in rows {
         println!(
             "{:<5} {:<22} {:<22} {:<22} {:<12} {}s",
@@ -234,14 +264,20 @@ pub fn stats(dir: &Path, output: Output) -> anyhow::Result<()> {
     let svcs: PerCpuArray<MapData, Counter> = open_pin(dir, maps::SERVICE_STATS)?.try_into()?;
     let mut out = StatsOut::default();
     for (i, name) in stats::verdict::NAMES.iter().enumerate() {
-        out.verdicts.insert(name, sum(&verdicts.get(&(i as u32), 0)?));
+        out.verdicts
+            .insert(name, sum(&verdicts.get(&(i as u32), 0)?));
     }
     for (i, name) in stats::drop_reason::NAMES.iter().enumerate() {
-        out.drops.insert(name, drops.get(&(i as u32), 0)?.iter().sum());
+        out.drops
+            .insert(name, drops.get(&(i as u32), 0)?.iter().sum());
     }
     let store = AyaMaps::open_pinned(dir)?;
-    let ids: std::collections::BTreeSet<u32> =
-        store.services()?.into_iter().map(|(_, v)| v.id).filter(|id| *id != 0).collect();
+    let ids: std::collections::BTreeSet<u32> = store
+        .services()?
+        .into_iter()
+        .map(|(_, v)| v.id)
+        .filter(|id| *id != 0)
+        .collect();
     for id in ids {
         out.services.insert(id, sum(&svcs.get(&id, 0)?));
     }

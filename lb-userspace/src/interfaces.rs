@@ -16,7 +16,9 @@ pub fn list() -> std::io::Result<BTreeMap<String, Vec<Ipv4Addr>>> {
     while !cur.is_null() {
         // SAFETY: cur is a node of the list getifaddrs returned.
         let ifa = unsafe { &*cur };
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         let addrs = out.entry(name).or_default();
         if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
@@ -53,8 +55,16 @@ pub fn driver(iface: &str) -> Option<String> {
         data: *mut DrvInfo,
         _pad: [u8; 16],
     }
-    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 164] };
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, _pad: [0; 16] };
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 164],
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
     let bytes = iface.as_bytes();
     if bytes.len() >= libc::IFNAMSIZ {
         return None;

@@ -52,7 +52,9 @@ mod tests {
     use lb_common::capacity::maglev_len;
 
     fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.244.{}.{}:8080", i / 200, i % 200 + 1)).collect()
+        (0..n)
+            .map(|i| format!("10.244.{}.{}:8080", i / 200, i % 200 + 1))
+            .collect()
     }
 
     #[test]
@@ -67,7 +69,10 @@ mod tests {
             }
             let ideal = len as f64 / n as f64;
             for c in counts {
-                assert!((c as f64 - ideal).abs() <= ideal * 0.1 + 1.0, "n={n} c={c} ideal={ideal}");
+                assert!(
+                    (c as f64 - ideal).abs() <= ideal * 0.1 + 1.0,
+                    "n={n} c={c} ideal={ideal}"
+                );
             }
         }
     }

@@ -106,12 +106,12 @@ impl ManifestSource {
         self.files.retain(|p, _| files.contains(p));
         for file in files {
             match std::fs::read_to_string(&file) {
-                Ok(text) => match parse_file(&file, &text, &mut errors) {
-                    Some(objects) => {
+                // An unparsable file keeps its last good objects.
+                Ok(text) => {
+                    if let Some(objects) = parse_file(&file, &text, &mut errors) {
                         self.files.insert(file, objects);
                     }
-                    None => {} // unparsable: keep the last good objects
-                },
+                }
                 Err(e) => errors.push(ManifestError {
                     file: file.clone(),
                     object: None,
@@ -127,10 +127,14 @@ impl ManifestSource {
         let mut mirrored = Vec::new();
         for objects in self.files.values() {
             for svc in &objects.services {
-                state.services.insert(object_ref(&svc.metadata), svc.clone());
+                state
+                    .services
+                    .insert(object_ref(&svc.metadata), svc.clone());
             }
             for slice in &objects.slices {
-                state.slices.insert(object_ref(&slice.metadata), slice.clone());
+                state
+                    .slices
+                    .insert(object_ref(&slice.metadata), slice.clone());
             }
             mirrored.extend(objects.mirrored.iter().cloned());
         }
@@ -181,7 +185,11 @@ fn parse_file(file: &Path, text: &str, errors: &mut Vec<ManifestError>) -> Optio
         match serde_json::from_str(text) {
             Ok(v) => vec![v],
             Err(e) => {
-                errors.push(ManifestError { file: file.into(), object: None, reason: e.to_string() });
+                errors.push(ManifestError {
+                    file: file.into(),
+                    object: None,
+                    reason: e.to_string(),
+                });
                 return None;
             }
         }
@@ -189,7 +197,11 @@ fn parse_file(file: &Path, text: &str, errors: &mut Vec<ManifestError>) -> Optio
         match serde_saphyr::from_multiple::<Value>(text) {
             Ok(v) => v,
             Err(e) => {
-                errors.push(ManifestError { file: file.into(), object: None, reason: e.to_string() });
+                errors.push(ManifestError {
+                    file: file.into(),
+                    object: None,
+                    reason: e.to_string(),
+                });
                 return None;
             }
         }
@@ -205,7 +217,11 @@ fn add_document(file: &Path, doc: Value, out: &mut FileObjects, errors: &mut Vec
     if doc.is_null() {
         return;
     }
-    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if kind == "List" || kind.ends_with("List") {
         if let Some(items) = doc.get("items").and_then(Value::as_array) {
             for item in items {
@@ -214,7 +230,10 @@ fn add_document(file: &Path, doc: Value, out: &mut FileObjects, errors: &mut Vec
         }
         return;
     }
-    let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let name = doc
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let ns = doc
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
@@ -272,7 +291,10 @@ fn mirror(ep: &Endpoints) -> EndpointSlice {
                 ports.push(port);
             }
         }
-        let groups = [(&subset.addresses, true), (&subset.not_ready_addresses, false)];
+        let groups = [
+            (&subset.addresses, true),
+            (&subset.not_ready_addresses, false),
+        ];
         for (addrs, ready) in groups {
             for a in addrs.iter().flatten() {
                 endpoints.push(Endpoint {

@@ -33,7 +33,10 @@ pub fn plan(state: &ClusterState, node: &NodeContext) -> Plan {
     let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for (r, slice) in &state.slices {
         if let Some(svc) = service_of(slice) {
-            slices.entry((r.namespace.clone(), svc)).or_default().push(slice);
+            slices
+                .entry((r.namespace.clone(), svc))
+                .or_default()
+                .push(slice);
         }
     }
     for (r, svc) in &state.services {
@@ -97,7 +100,11 @@ fn plan_service(
     }
     if svc_type == "LoadBalancer" {
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
-        for ing in ingress.and_then(|l| l.ingress.as_ref()).into_iter().flatten() {
+        for ing in ingress
+            .and_then(|l| l.ingress.as_ref())
+            .into_iter()
+            .flatten()
+        {
             // ipMode Proxy: the load balancer proxies itself; traffic must reach it.
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue;
@@ -138,19 +145,48 @@ fn plan_service(
         let mut frontends = Vec::new();
         let svc_port = port.port as u16;
         let mut add = |addr, port, scope, kind, local_policy: bool| {
-            let selection = if local_policy { local.clone() } else { cluster.clone() };
-            frontends.push(DesiredFrontend { addr, port, scope, kind, local_policy, selection });
+            let selection = if local_policy {
+                local.clone()
+            } else {
+                cluster.clone()
+            };
+            frontends.push(DesiredFrontend {
+                addr,
+                port,
+                scope,
+                kind,
+                local_policy,
+                selection,
+            });
         };
         if let Some(ip) = cluster_ip {
-            add(ip, svc_port, scope::INTERNAL, kind::CLUSTER_IP, internal_local);
+            add(
+                ip,
+                svc_port,
+                scope::INTERNAL,
+                kind::CLUSTER_IP,
+                internal_local,
+            );
             any_port = true;
         }
         if node_ports {
             match port.node_port {
                 Some(np) => {
                     let np = np as u16;
-                    add(Ipv4Addr::UNSPECIFIED, np, scope::EXTERNAL, kind::NODE_PORT, external_local);
-                    add(Ipv4Addr::UNSPECIFIED, np, scope::INTERNAL, kind::NODE_PORT, false);
+                    add(
+                        Ipv4Addr::UNSPECIFIED,
+                        np,
+                        scope::EXTERNAL,
+                        kind::NODE_PORT,
+                        external_local,
+                    );
+                    add(
+                        Ipv4Addr::UNSPECIFIED,
+                        np,
+                        scope::INTERNAL,
+                        kind::NODE_PORT,
+                        false,
+                    );
                 }
                 None => warnings.push(format!(
                     "service {r}: port {} has no nodePort, no NodePort frontend",
@@ -162,7 +198,14 @@ fn plan_service(
             add(ip, svc_port, scope::EXTERNAL, k, external_local);
             add(ip, svc_port, scope::INTERNAL, k, false);
         }
-        out.services.insert(id, DesiredService { backends, frontends, affinity_timeout });
+        out.services.insert(
+            id,
+            DesiredService {
+                backends,
+                frontends,
+                affinity_timeout,
+            },
+        );
     }
     if let (Some(ip), true) = (cluster_ip, any_port) {
         out.cluster_ips.insert(ip);
@@ -198,7 +241,9 @@ fn endpoints_for(
         }) else {
             continue;
         };
-        let Some(target_port) = target.port else { continue };
+        let Some(target_port) = target.port else {
+            continue;
+        };
         for ep in &slice.endpoints {
             let cond = ep.conditions.as_ref();
             let ready = cond.and_then(|c| c.ready).unwrap_or(true);
@@ -217,12 +262,19 @@ fn endpoints_for(
                     tracing::info!(service = %r, address = %addr, "skipping non-IPv4 endpoint");
                     continue;
                 };
-                let backend = DesiredBackend { addr, port: target_port as u16, state, local };
-                found.entry((addr, target_port as u16)).or_insert(Candidate {
-                    backend,
-                    ready,
-                    serving_terminating: serving && terminating,
-                });
+                let backend = DesiredBackend {
+                    addr,
+                    port: target_port as u16,
+                    state,
+                    local,
+                };
+                found
+                    .entry((addr, target_port as u16))
+                    .or_insert(Candidate {
+                        backend,
+                        ready,
+                        serving_terminating: serving && terminating,
+                    });
             }
         }
     }

@@ -21,7 +21,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call, short enough for interface names.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}x{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn sh(cmd: &mut Command) -> Result<String> {
@@ -59,7 +63,9 @@ impl Netns {
     /// keeps the host's /sys and so its bpffs).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -68,7 +74,8 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(|_| ())
     }
 
     /// Runs `f` on a thread that has entered this namespace.
@@ -77,7 +84,10 @@ impl Netns {
         thread::spawn(move || {
             // SAFETY: a valid namespace fd; setns affects only this thread.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+                return Err(anyhow::anyhow!(
+                    "setns: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
             Ok(f())
         })
@@ -105,14 +115,19 @@ impl Drop for Netns {
                 let _ = Command::new("kill").args(["-9", pid]).status();
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 /// Connects two namespaces with a veth pair.
 pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
     let tmp = unique("lbt");
-    sh(Command::new("ip").args(["link", "add", &tmp, "netns", &a.name, "type", "veth", "peer", "name", b_name, "netns", &b.name]))?;
+    sh(Command::new("ip").args([
+        "link", "add", &tmp, "netns", &a.name, "type", "veth", "peer", "name", b_name, "netns",
+        &b.name,
+    ]))?;
     a.ip(&["link", "set", &tmp, "name", a_name])?;
     a.ip(&["link", "set", a_name, "up"])?;
     b.ip(&["link", "set", b_name, "up"])?;
@@ -159,7 +174,19 @@ impl Cluster {
         client.exec("ethtool", &["-K", "eth0", "gro", "on", "tx", "off"])?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-        node.exec("iptables", &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])?;
+        node.exec(
+            "iptables",
+            &[
+                "-A",
+                "FORWARD",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID",
+                "-j",
+                "DROP",
+            ],
+        )?;
         let mut pods = Vec::new();
         for (i, name) in pod_names.iter().enumerate() {
             let ns = Netns::new("lbp")?;
@@ -170,13 +197,34 @@ impl Cluster {
             ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
             ns.ip(&["route", "add", "default", "via", "169.254.1.1"])?;
             // The pods' gateway is a link-local address every pod interface of the node has.
-            node.ip(&["addr", "add", "169.254.1.1/32", "dev", &host_iface, "scope", "link"])?;
+            node.ip(&[
+                "addr",
+                "add",
+                "169.254.1.1/32",
+                "dev",
+                &host_iface,
+                "scope",
+                "link",
+            ])?;
             node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
-            pods.push(Pod { name: name.to_string(), ns, ip, host_iface });
+            pods.push(Pod {
+                name: name.to_string(),
+                ns,
+                ip,
+                host_iface,
+            });
         }
         let bpffs = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
         let agent_log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
-        Ok(Self { client, node, pods, bpffs, agent: None, agent_log, lb: lb.to_path_buf() })
+        Ok(Self {
+            client,
+            node,
+            pods,
+            bpffs,
+            agent: None,
+            agent_log,
+            lb: lb.to_path_buf(),
+        })
     }
 
     /// Starts TCP and UDP servers in every pod that answer with the pod's name: TCP once per
@@ -190,7 +238,9 @@ impl Cluster {
                 let udp = UdpSocket::bind(("0.0.0.0", POD_PORT));
                 let ok = tcp.is_ok() && udp.is_ok();
                 let _ = tx.send(ok);
-                let (Ok(tcp), Ok(udp)) = (tcp, udp) else { return };
+                let (Ok(tcp), Ok(udp)) = (tcp, udp) else {
+                    return;
+                };
                 let uname = name.clone();
                 thread::spawn(move || {
                     let mut buf = [0u8; 1500];
@@ -220,16 +270,31 @@ impl Cluster {
     /// Starts the real agent in the node namespace on a manifest path and waits for its
     /// first sync.
     pub fn start_agent(&mut self, manifests: &Path) -> Result<()> {
-        let log = File::options().create(true).append(true).open(&self.agent_log)?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.agent_log)?;
         let child = self
             .node
             .command(&self.lb)
             .args(["agent", "--source"])
             .arg(format!("file:{}", manifests.display()))
-            .args(["--node-name", "node1", "--external-iface", "up0", "--pod-iface", "lbp*"])
+            .args([
+                "--node-name",
+                "node1",
+                "--external-iface",
+                "up0",
+                "--pod-iface",
+                "lbp*",
+            ])
             .arg("--bpffs")
             .arg(&self.bpffs)
-            .args(["--healthz-addr", "127.0.0.1:10256", "--metrics-addr", "127.0.0.1:10249"])
+            .args([
+                "--healthz-addr",
+                "127.0.0.1:10256",
+                "--metrics-addr",
+                "127.0.0.1:10249",
+            ])
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -239,7 +304,10 @@ impl Cluster {
         self.agent = Some(child);
         self.wait_synced(synced_before + 1)?;
         // The pod interfaces are attached right after the first sync.
-        self.wait_log(&format!("attached pod interface iface={}", self.pods.last().map_or("", |p| &p.host_iface)))
+        self.wait_log(&format!(
+            "attached pod interface iface={}",
+            self.pods.last().map_or("", |p| &p.host_iface)
+        ))
     }
 
     /// Kills the agent without giving it a chance to clean up.
@@ -282,7 +350,13 @@ impl Cluster {
 
     /// `lb <sub> --bpffs <ours>` in the node namespace.
     pub fn lb(&self, sub: &str, extra: &[&str]) -> Result<String> {
-        sh(self.node.command(&self.lb).arg(sub).arg("--bpffs").arg(&self.bpffs).args(extra))
+        sh(self
+            .node
+            .command(&self.lb)
+            .arg(sub)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(extra))
     }
 }
 
@@ -315,7 +389,10 @@ impl Session {
     pub fn open(to: SocketAddr) -> std::io::Result<Self> {
         let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        Ok(Self { writer: s.try_clone()?, reader: BufReader::new(s) })
+        Ok(Self {
+            writer: s.try_clone()?,
+            reader: BufReader::new(s),
+        })
     }
 
     pub fn ask(&mut self) -> std::io::Result<String> {
@@ -342,4 +419,3 @@ pub fn udp_ask(s: &UdpSocket) -> std::io::Result<String> {
     let n = s.recv(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
-

@@ -255,7 +255,10 @@ impl Packet {
     fn ip_bytes(&self) -> Vec<u8> {
         let l4 = self.l4_bytes();
         let ihl = 20 + self.options.len();
-        assert!(ihl % 4 == 0 && ihl <= 60, "IP options must pad to 4 bytes");
+        assert!(
+            ihl.is_multiple_of(4) && ihl <= 60,
+            "IP options must pad to 4 bytes"
+        );
         let mut h = vec![0x40 | (ihl / 4) as u8, 0];
         h.extend(((ihl + l4.len()) as u16).to_be_bytes());
         h.extend(self.id.to_be_bytes());

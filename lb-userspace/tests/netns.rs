@@ -29,7 +29,12 @@ fn lb_bin() -> PathBuf {
 fn manifest(cluster: &Cluster, endpoints: &[usize]) -> String {
     let eps: String = endpoints
         .iter()
-        .map(|&i| format!("- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n", cluster.pods[i].ip))
+        .map(|&i| {
+            format!(
+                "- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
+                cluster.pods[i].ip
+            )
+        })
         .collect();
     format!(
         r#"apiVersion: v1
@@ -97,7 +102,9 @@ fn setup(pods: &[&str], backends: usize) -> Setup {
 fn rewrite(s: &Setup, endpoints: &[usize]) {
     let before = s.cluster.synced_count();
     std::fs::write(&s.file, manifest(&s.cluster, endpoints)).unwrap();
-    s.cluster.wait_synced(before + 1).expect("agent applied the change");
+    s.cluster
+        .wait_synced(before + 1)
+        .expect("agent applied the change");
 }
 
 fn from_client<T: Send + 'static>(s: &Setup, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -105,7 +112,11 @@ fn from_client<T: Send + 'static>(s: &Setup, f: impl FnOnce() -> T + Send + 'sta
 }
 
 fn answers(s: &Setup, to: SocketAddr, n: usize) -> BTreeSet<String> {
-    from_client(s, move || (0..n).map(|_| tcp_request(to).expect("request through the service")).collect())
+    from_client(s, move || {
+        (0..n)
+            .map(|_| tcp_request(to).expect("request through the service"))
+            .collect()
+    })
 }
 
 #[test]
@@ -113,11 +124,22 @@ fn answers(s: &Setup, to: SocketAddr, n: usize) -> BTreeSet<String> {
 fn client_reaches_nodeport_and_lb_ip_on_both_pods_over_tcp_and_udp() {
     let s = setup(&["pod-a", "pod-b"], 2);
     let both: BTreeSet<String> = ["pod-a".into(), "pod-b".into()].into();
-    assert_eq!(answers(&s, SocketAddr::from((NODE_IP, NODE_PORT)), 40), both, "NodePort");
-    assert_eq!(answers(&s, SocketAddr::from((LB_IP, 80)), 40), both, "LB IP");
+    assert_eq!(
+        answers(&s, SocketAddr::from((NODE_IP, NODE_PORT)), 40),
+        both,
+        "NodePort"
+    );
+    assert_eq!(
+        answers(&s, SocketAddr::from((LB_IP, 80)), 40),
+        both,
+        "LB IP"
+    );
     let udp: BTreeSet<String> = from_client(&s, || {
         (0..40)
-            .map(|_| udp_ask(&udp_socket(SocketAddr::from((NODE_IP, NODE_PORT))).unwrap()).expect("UDP answer"))
+            .map(|_| {
+                udp_ask(&udp_socket(SocketAddr::from((NODE_IP, NODE_PORT))).unwrap())
+                    .expect("UDP answer")
+            })
             .collect()
     });
     assert_eq!(udp, both, "UDP NodePort");
@@ -125,8 +147,14 @@ fn client_reaches_nodeport_and_lb_ip_on_both_pods_over_tcp_and_udp() {
     assert!(services.contains("203.0.113.10:80"), "{services}");
     let stats = s.cluster.lb("stats", &["--output", "json"]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
-    assert!(v["verdicts"]["dnat"]["packets"].as_u64().unwrap() > 0, "{stats}");
-    assert!(v["verdicts"]["reverse_nat"]["packets"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        v["verdicts"]["dnat"]["packets"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert!(
+        v["verdicts"]["reverse_nat"]["packets"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
 }
 
 #[test]
@@ -136,14 +164,24 @@ fn pod_reaches_cluster_ip_and_backend_sees_its_address() {
     let to = SocketAddr::from((CLUSTER_IP, 80));
     let got: BTreeSet<String> = s.cluster.pods[2]
         .ns
-        .run(move || (0..40).map(|_| tcp_request(to).expect("ClusterIP request")).collect())
+        .run(move || {
+            (0..40)
+                .map(|_| tcp_request(to).expect("ClusterIP request"))
+                .collect()
+        })
         .unwrap();
-    assert_eq!(got, ["pod-a", "pod-b"].iter().map(|s| s.to_string()).collect());
+    assert_eq!(
+        got,
+        ["pod-a", "pod-b"].iter().map(|s| s.to_string()).collect()
+    );
     let ct = s.cluster.lb("conntrack", &["--output", "json"]).unwrap();
     // No source NAT: the flow's client is the pod itself.
     assert!(ct.contains(&format!("\"{}:", s.cluster.pods[2].ip)), "{ct}");
     let to = SocketAddr::from((CLUSTER_IP, 53));
-    let answer = s.cluster.pods[2].ns.run(move || udp_ask(&udp_socket(to).unwrap())).unwrap();
+    let answer = s.cluster.pods[2]
+        .ns
+        .run(move || udp_ask(&udp_socket(to).unwrap()))
+        .unwrap();
     assert!(answer.expect("UDP via ClusterIP").starts_with("pod-"));
 }
 
@@ -181,16 +219,27 @@ fn removing_an_endpoint_moves_new_flows_and_keeps_established_ones() {
 
     rewrite(&s, &[0]); // pod-b leaves the endpoints
     let got = answers(&s, to, 30);
-    assert_eq!(got, ["pod-a".to_string()].into(), "new connections avoid the removed pod");
+    assert_eq!(
+        got,
+        ["pod-a".to_string()].into(),
+        "new connections avoid the removed pod"
+    );
     let (a, b, again) = from_client(&s, move || {
         let (mut a, mut b) = (a, b);
         let again = udp_ask(&udp_a);
         (a.ask(), b.ask(), again)
     });
-    assert_eq!(a.unwrap(), "pod-a", "established flow to a remaining endpoint keeps working");
+    assert_eq!(
+        a.unwrap(),
+        "pod-a",
+        "established flow to a remaining endpoint keeps working"
+    );
     // As with kube-proxy, a TCP flow keeps its backend address for its life.
     assert_eq!(b.unwrap(), "pod-b");
-    assert_eq!(again.expect("UDP flow re-selected, not black-holed"), "pod-a");
+    assert_eq!(
+        again.expect("UDP flow re-selected, not black-holed"),
+        "pod-a"
+    );
 }
 
 #[test]
@@ -200,7 +249,10 @@ fn service_without_endpoints_refuses_promptly() {
     let check = |r: std::io::Result<String>, what: &str, started: Instant| {
         let e = r.expect_err(what);
         assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{what}: {e}");
-        assert!(started.elapsed() < Duration::from_secs(2), "{what}: refusal was not prompt");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{what}: refusal was not prompt"
+        );
     };
     let (tcp, udp, t) = from_client(&s, || {
         let t = Instant::now();
@@ -242,13 +294,27 @@ fn agent_restart_keeps_connections_and_service() {
         let r = sess.ask();
         (sess, r.map(|_| tcp_request(to)))
     });
-    down.expect("established flow while the agent is down").expect("new connection while the agent is down");
+    down.expect("established flow while the agent is down")
+        .expect("new connection while the agent is down");
     let services_before = s.cluster.lb("services", &["--output", "json"]).unwrap();
-    s.cluster.start_agent(&s.file.clone()).expect("agent restarts");
+    s.cluster
+        .start_agent(&s.file.clone())
+        .expect("agent restarts");
     let log = s.cluster.log();
-    let last_sync = log.lines().filter(|l| l.contains(" synced")).last().unwrap().to_string();
-    assert!(last_sync.contains("writes=0"), "restart rewrote the maps: {last_sync}");
-    assert_eq!(s.cluster.lb("services", &["--output", "json"]).unwrap(), services_before, "ids changed");
+    let last_sync = log
+        .lines()
+        .rfind(|l| l.contains(" synced"))
+        .unwrap()
+        .to_string();
+    assert!(
+        last_sync.contains("writes=0"),
+        "restart rewrote the maps: {last_sync}"
+    );
+    assert_eq!(
+        s.cluster.lb("services", &["--output", "json"]).unwrap(),
+        services_before,
+        "ids changed"
+    );
     let after = from_client(&s, move || {
         let mut sess = sess;
         (sess.ask(), tcp_request(to))

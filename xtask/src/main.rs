@@ -51,7 +51,10 @@ fn main() -> ExitCode {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn exec(cmd: &mut Command) -> Result<()> {
@@ -74,18 +77,39 @@ fn build_ebpf() -> Result<PathBuf> {
     let root = root();
     let target_dir = root.join("target/bpf");
     let mut c = cargo();
-    let path = format!("{}:{}", setup::cargo_bin().display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        setup::cargo_bin().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     c.env("PATH", &path);
     match setup::ebpf_toolchain()? {
         setup::EbpfToolchain::Debian(version) => {
             println!("eBPF toolchain: Debian rustc-web {version} (/usr/bin/rustc)");
             c.env("RUSTC", "/usr/bin/rustc").env("RUSTC_BOOTSTRAP", "1");
-            c.args(["build", "--release", "-p", "lb-ebpf", "--target", "bpfel-unknown-none"]);
+            c.args([
+                "build",
+                "--release",
+                "-p",
+                "lb-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+            ]);
         }
         setup::EbpfToolchain::NightlyBuildStd => {
             println!("eBPF toolchain: rustup nightly with rust-src (-Z build-std=core)");
             c.env_remove("RUSTC");
-            c.args(["+nightly", "build", "--release", "-p", "lb-ebpf", "--target", "bpfel-unknown-none", "-Z", "build-std=core"]);
+            c.args([
+                "+nightly",
+                "build",
+                "--release",
+                "-p",
+                "lb-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+            ]);
         }
     }
     c.arg("--target-dir").arg(&target_dir);
@@ -96,7 +120,12 @@ fn build_ebpf() -> Result<PathBuf> {
 /// The eBPF object, then the release binary that embeds it.
 fn build() -> Result<PathBuf> {
     let object = build_ebpf()?;
-    exec(cargo().env("LB_EBPF_OBJECT", &object).args(["build", "--release", "-p", "lb-userspace"]))?;
+    exec(cargo().env("LB_EBPF_OBJECT", &object).args([
+        "build",
+        "--release",
+        "-p",
+        "lb-userspace",
+    ]))?;
     let bin = root().join("target/release/lb");
     println!("built {}", bin.display());
     Ok(object)
@@ -107,12 +136,27 @@ fn test() -> Result<()> {
     let bin = root().join("target/release/lb");
     // Unit tests of every default member, then the privileged suites, one test at a time
     // (they share kernel state such as bpffs).
-    exec(cargo().env("LB_EBPF_OBJECT", &object).args(["test", "--release", "--workspace"]))?;
-    exec(cargo()
-        .env("LB_EBPF_OBJECT", &object)
-        .env("LB_BIN", &bin)
-        .args(["test", "--release", "-p", "lb-userspace", "--test", "fixtures", "--test", "netns"])
-        .args(["--", "--include-ignored", "--test-threads=1"]))
+    exec(
+        cargo()
+            .env("LB_EBPF_OBJECT", &object)
+            .args(["test", "--release", "--workspace"]),
+    )?;
+    exec(
+        cargo()
+            .env("LB_EBPF_OBJECT", &object)
+            .env("LB_BIN", &bin)
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "lb-userspace",
+                "--test",
+                "fixtures",
+                "--test",
+                "netns",
+            ])
+            .args(["--", "--include-ignored", "--test-threads=1"]),
+    )
 }
 
 fn lint() -> Result<()> {

@@ -33,7 +33,9 @@ pub enum EbpfToolchain {
 pub fn cargo_bin() -> PathBuf {
     let home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
+        });
     home.join("bin")
 }
 
@@ -41,14 +43,18 @@ fn nightly_has_rust_src() -> bool {
     Command::new("rustup")
         .args(["+nightly", "component", "list", "--installed"])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src")
+        })
 }
 
 pub fn ebpf_toolchain() -> Result<EbpfToolchain> {
     if let Ok(o) = Command::new("/usr/bin/rustc").arg("--version").output() {
         if o.status.success() {
             let v = String::from_utf8_lossy(&o.stdout);
-            return Ok(EbpfToolchain::Debian(v.split_whitespace().nth(1).unwrap_or("?").to_string()));
+            return Ok(EbpfToolchain::Debian(
+                v.split_whitespace().nth(1).unwrap_or("?").to_string(),
+            ));
         }
     }
     if nightly_has_rust_src() {
@@ -77,16 +83,21 @@ fn install_packages() -> Result<()> {
     }
     // A machine that has rustup nightly with rust-src needs no Debian compiler.
     let missing: Vec<&str> = if nightly_has_rust_src() {
-        missing.into_iter().filter(|p| !p.starts_with("rustc-web") && !p.starts_with("libstd-rust")).collect()
+        missing
+            .into_iter()
+            .filter(|p| !p.starts_with("rustc-web") && !p.starts_with("libstd-rust"))
+            .collect()
     } else {
         missing
     };
     println!("installing Debian packages: {}", missing.join(" "));
     exec(Command::new("apt-get").args(["update", "-q"]))?;
-    exec(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing))
+    exec(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
 }
 
 fn install_bpf_linker() -> Result<()> {
@@ -97,16 +108,30 @@ fn install_bpf_linker() -> Result<()> {
         }
     }
     println!("installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
-    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
-    exec(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .env("PATH", path)
-        .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", "llvm-22"]))
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    exec(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .env("PATH", path)
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"]),
+    )
 }
 
 fn mount_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
         return Ok(());
     }
     std::fs::create_dir_all("/sys/fs/bpf")?;

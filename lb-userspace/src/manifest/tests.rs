@@ -1,7 +1,11 @@
 use super::*;
 
 fn dir_with(files: &[(&str, &str)]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lb-manifest-{}-{}", std::process::id(), rand_suffix()));
+    let dir = std::env::temp_dir().join(format!(
+        "lb-manifest-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, text) in files {
         std::fs::write(dir.join(name), text).unwrap();
@@ -45,7 +49,10 @@ fn an_invalid_object_is_reported_and_the_rest_kept() {
     let errors = src.reload();
     assert_eq!(errors.len(), 1);
     let msg = errors[0].to_string();
-    assert!(msg.contains("a.yaml") && msg.contains("Service default/bad"), "{msg}");
+    assert!(
+        msg.contains("a.yaml") && msg.contains("Service default/bad"),
+        "{msg}"
+    );
     assert_eq!(src.state().services.len(), 1);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -57,10 +64,17 @@ fn an_unparsable_file_keeps_its_last_good_objects() {
     assert!(src.reload().is_empty());
     std::fs::write(dir.join("a.yaml"), "kind: [unclosed").unwrap();
     assert_eq!(src.reload().len(), 1);
-    assert_eq!(src.state().services.len(), 1, "a broken file must not delete its objects");
+    assert_eq!(
+        src.state().services.len(),
+        1,
+        "a broken file must not delete its objects"
+    );
     std::fs::remove_file(dir.join("a.yaml")).unwrap();
     src.reload();
-    assert!(src.state().services.is_empty(), "a removed file deletes its objects");
+    assert!(
+        src.state().services.is_empty(),
+        "a removed file deletes its objects"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -73,11 +87,18 @@ fn endpoints_are_mirrored_unless_slices_exist() {
     let st = src.state();
     let slice = st.slices.values().next().expect("mirrored slice");
     assert_eq!(slice.endpoints.len(), 2);
-    assert_eq!(slice.endpoints[1].conditions.as_ref().unwrap().ready, Some(false));
+    assert_eq!(
+        slice.endpoints[1].conditions.as_ref().unwrap().ready,
+        Some(false)
+    );
     std::fs::write(dir.join("b.yaml"), SLICE).unwrap();
     src.reload();
     let st = src.state();
     assert_eq!(st.slices.len(), 1);
-    assert_eq!(st.slices.keys().next().unwrap().name, "web-1", "slices win over Endpoints");
+    assert_eq!(
+        st.slices.keys().next().unwrap().name,
+        "web-1",
+        "slices win over Endpoints"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -3,12 +3,20 @@ use crate::manifest::ManifestSource;
 use lb_common::{backend_state as bs, kind as k, scope as sc};
 
 fn node() -> NodeContext {
-    NodeContext { node_name: "n1".into(), node_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)], zone: None }
+    NodeContext {
+        node_name: "n1".into(),
+        node_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
+        zone: None,
+    }
 }
 
 /// Plans the objects of a YAML text.
 fn plan_yaml(yaml: &str) -> Plan {
-    let path = std::env::temp_dir().join(format!("lb-plan-{}-{:x}.yaml", std::process::id(), hash(yaml)));
+    let path = std::env::temp_dir().join(format!(
+        "lb-plan-{}-{:x}.yaml",
+        std::process::id(),
+        hash(yaml)
+    ));
     std::fs::write(&path, yaml).unwrap();
     let mut src = ManifestSource::new(&path);
     let errors = src.reload();
@@ -18,7 +26,9 @@ fn plan_yaml(yaml: &str) -> Plan {
 }
 
 fn hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 fn service(spec: &str) -> String {
@@ -40,26 +50,46 @@ const PORTS: &str = "  ports: [{name: http, port: 80, targetPort: web, nodePort:
 const SLICE_PORTS: &str = "[{name: http, port: 8080}]";
 
 fn only(p: &Plan) -> &DesiredService {
-    assert_eq!(p.desired.services.len(), 1, "{:?}", p.desired.services.keys());
+    assert_eq!(
+        p.desired.services.len(),
+        1,
+        "{:?}",
+        p.desired.services.keys()
+    );
     p.desired.services.values().next().unwrap()
 }
 
 fn frontend(s: &DesiredService, kind: u8, scope: u8) -> &DesiredFrontend {
-    s.frontends.iter().find(|f| f.kind == kind && f.scope == scope).unwrap_or_else(|| panic!("no frontend {kind}/{scope}: {:?}", s.frontends))
+    s.frontends
+        .iter()
+        .find(|f| f.kind == kind && f.scope == scope)
+        .unwrap_or_else(|| panic!("no frontend {kind}/{scope}: {:?}", s.frontends))
 }
 
 fn selected(s: &DesiredService, f: &DesiredFrontend) -> Vec<String> {
-    f.selection.iter().map(|&i| s.backends[i].addr.to_string()).collect()
+    f.selection
+        .iter()
+        .map(|&i| s.backends[i].addr.to_string())
+        .collect()
 }
 
 #[test]
 fn cluster_ip_gets_internal_frontend_marker_and_named_target_port() {
-    let p = plan_yaml(&(service(&format!("  clusterIP: 10.96.0.1\n{PORTS}")) + &slice(SLICE_PORTS, &[("10.0.0.1", "n1", true, true, false)])));
+    let p = plan_yaml(
+        &(service(&format!("  clusterIP: 10.96.0.1\n{PORTS}"))
+            + &slice(SLICE_PORTS, &[("10.0.0.1", "n1", true, true, false)])),
+    );
     let s = only(&p);
     let f = frontend(s, k::CLUSTER_IP, sc::INTERNAL);
     assert_eq!((f.addr, f.port), (Ipv4Addr::new(10, 96, 0, 1), 80));
-    assert_eq!(s.backends[0].port, 8080, "named targetPort resolved through the slice port");
-    assert!(s.frontends.iter().all(|f| f.kind == k::CLUSTER_IP), "a ClusterIP service has no NodePort");
+    assert_eq!(
+        s.backends[0].port, 8080,
+        "named targetPort resolved through the slice port"
+    );
+    assert!(
+        s.frontends.iter().all(|f| f.kind == k::CLUSTER_IP),
+        "a ClusterIP service has no NodePort"
+    );
     assert!(p.desired.cluster_ips.contains(&Ipv4Addr::new(10, 96, 0, 1)));
 }
 
@@ -74,10 +104,21 @@ fn node_port_load_balancer_and_external_ips_get_both_scopes() {
         frontend(s, kind, sc::EXTERNAL);
         frontend(s, kind, sc::INTERNAL);
     }
-    assert_eq!(frontend(s, k::NODE_PORT, sc::EXTERNAL).addr, Ipv4Addr::UNSPECIFIED);
+    assert_eq!(
+        frontend(s, k::NODE_PORT, sc::EXTERNAL).addr,
+        Ipv4Addr::UNSPECIFIED
+    );
     assert_eq!(frontend(s, k::NODE_PORT, sc::EXTERNAL).port, 30080);
-    let lb: Vec<Ipv4Addr> = s.frontends.iter().filter(|f| f.kind == k::LOAD_BALANCER).map(|f| f.addr).collect();
-    assert!(lb.iter().all(|a| *a == Ipv4Addr::new(203, 0, 113, 1)), "ipMode Proxy is not programmed: {lb:?}");
+    let lb: Vec<Ipv4Addr> = s
+        .frontends
+        .iter()
+        .filter(|f| f.kind == k::LOAD_BALANCER)
+        .map(|f| f.addr)
+        .collect();
+    assert!(
+        lb.iter().all(|a| *a == Ipv4Addr::new(203, 0, 113, 1)),
+        "ipMode Proxy is not programmed: {lb:?}"
+    );
 }
 
 #[test]
@@ -86,7 +127,10 @@ fn headless_external_name_and_other_proxies_get_nothing() {
         format!("  clusterIP: None\n{PORTS}"),
         "  type: ExternalName\n  externalName: example.com".to_string(),
     ] {
-        assert!(plan_yaml(&service(&spec)).desired.services.is_empty(), "{spec}");
+        assert!(
+            plan_yaml(&service(&spec)).desired.services.is_empty(),
+            "{spec}"
+        );
     }
     let labelled = "apiVersion: v1\nkind: Service\nmetadata: {name: s, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
     assert!(plan_yaml(labelled).desired.services.is_empty());
@@ -94,21 +138,46 @@ fn headless_external_name_and_other_proxies_get_nothing() {
 
 #[test]
 fn ready_endpoints_first_then_serving_terminating() {
-    let eps = [("10.0.0.1", "n1", true, true, false), ("10.0.0.2", "n1", false, true, true), ("10.0.0.3", "n1", false, false, false)];
-    let p = plan_yaml(&(service(&format!("  clusterIP: 10.96.0.1\n{PORTS}")) + &slice(SLICE_PORTS, &eps)));
+    let eps = [
+        ("10.0.0.1", "n1", true, true, false),
+        ("10.0.0.2", "n1", false, true, true),
+        ("10.0.0.3", "n1", false, false, false),
+    ];
+    let p = plan_yaml(
+        &(service(&format!("  clusterIP: 10.96.0.1\n{PORTS}")) + &slice(SLICE_PORTS, &eps)),
+    );
     let s = only(&p);
-    assert_eq!(selected(s, frontend(s, k::CLUSTER_IP, sc::INTERNAL)), ["10.0.0.1"]);
+    assert_eq!(
+        selected(s, frontend(s, k::CLUSTER_IP, sc::INTERNAL)),
+        ["10.0.0.1"]
+    );
     let states: Vec<u8> = s.backends.iter().map(|b| b.state).collect();
-    assert_eq!(states, [bs::ACTIVE, bs::TERMINATING, bs::INACTIVE], "every listed endpoint stays a backend");
-    let eps = [("10.0.0.2", "n1", false, true, true), ("10.0.0.3", "n1", false, false, false)];
-    let p = plan_yaml(&(service(&format!("  clusterIP: 10.96.0.1\n{PORTS}")) + &slice(SLICE_PORTS, &eps)));
+    assert_eq!(
+        states,
+        [bs::ACTIVE, bs::TERMINATING, bs::INACTIVE],
+        "every listed endpoint stays a backend"
+    );
+    let eps = [
+        ("10.0.0.2", "n1", false, true, true),
+        ("10.0.0.3", "n1", false, false, false),
+    ];
+    let p = plan_yaml(
+        &(service(&format!("  clusterIP: 10.96.0.1\n{PORTS}")) + &slice(SLICE_PORTS, &eps)),
+    );
     let s = only(&p);
-    assert_eq!(selected(s, frontend(s, k::CLUSTER_IP, sc::INTERNAL)), ["10.0.0.2"], "fallback to terminating");
+    assert_eq!(
+        selected(s, frontend(s, k::CLUSTER_IP, sc::INTERNAL)),
+        ["10.0.0.2"],
+        "fallback to terminating"
+    );
 }
 
 #[test]
 fn traffic_policies_local() {
-    let eps = [("10.0.0.1", "n1", true, true, false), ("10.0.0.2", "n2", true, true, false)];
+    let eps = [
+        ("10.0.0.1", "n1", true, true, false),
+        ("10.0.0.2", "n2", true, true, false),
+    ];
     let spec = format!("  type: NodePort\n  clusterIP: 10.96.0.1\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n{PORTS}");
     let p = plan_yaml(&(service(&spec) + &slice(SLICE_PORTS, &eps)));
     let s = only(&p);
@@ -116,7 +185,10 @@ fn traffic_policies_local() {
     assert!(ext.local_policy);
     assert_eq!(selected(s, ext), ["10.0.0.1"]);
     let int = frontend(s, k::NODE_PORT, sc::INTERNAL);
-    assert!(!int.local_policy, "pods reaching a NodePort use every endpoint");
+    assert!(
+        !int.local_policy,
+        "pods reaching a NodePort use every endpoint"
+    );
     assert_eq!(selected(s, int).len(), 2);
     let cip = frontend(s, k::CLUSTER_IP, sc::INTERNAL);
     assert!(cip.local_policy);
@@ -124,7 +196,10 @@ fn traffic_policies_local() {
     let remote_only = [("10.0.0.2", "n2", true, true, false)];
     let p = plan_yaml(&(service(&spec) + &slice(SLICE_PORTS, &remote_only)));
     let s = only(&p);
-    assert!(frontend(s, k::NODE_PORT, sc::EXTERNAL).selection.is_empty(), "no local endpoint: drop");
+    assert!(
+        frontend(s, k::NODE_PORT, sc::EXTERNAL).selection.is_empty(),
+        "no local endpoint: drop"
+    );
 }
 
 #[test]
@@ -133,20 +208,42 @@ fn several_ports_protocols_and_missing_parts() {
     let ports = "[{name: a, port: 5353, protocol: UDP}, {name: b, port: 5354, protocol: TCP}]";
     let p = plan_yaml(&(service(spec) + &slice(ports, &[("10.0.0.1", "n1", true, true, false)])));
     assert_eq!(p.desired.services.len(), 2);
-    let ids: Vec<(String, u8)> = p.desired.services.keys().map(|i| (i.port_name.clone(), i.protocol)).collect();
-    assert_eq!(ids, [("a".to_string(), proto::UDP), ("b".to_string(), proto::TCP)]);
+    let ids: Vec<(String, u8)> = p
+        .desired
+        .services
+        .keys()
+        .map(|i| (i.port_name.clone(), i.protocol))
+        .collect();
+    assert_eq!(
+        ids,
+        [("a".to_string(), proto::UDP), ("b".to_string(), proto::TCP)]
+    );
     for s in p.desired.services.values() {
         assert_eq!(s.backends.len(), 1);
     }
-    assert!(p.warnings.iter().any(|w| w.contains("no nodePort")), "{:?}", p.warnings);
-    assert!(p.warnings.iter().any(|w| w.contains("SCTP")), "{:?}", p.warnings);
+    assert!(
+        p.warnings.iter().any(|w| w.contains("no nodePort")),
+        "{:?}",
+        p.warnings
+    );
+    assert!(
+        p.warnings.iter().any(|w| w.contains("SCTP")),
+        "{:?}",
+        p.warnings
+    );
     let p = plan_yaml(&service(&format!("  type: NodePort\n{PORTS}")));
-    assert!(p.warnings.iter().any(|w| w.contains("no clusterIP")), "{:?}", p.warnings);
+    assert!(
+        p.warnings.iter().any(|w| w.contains("no clusterIP")),
+        "{:?}",
+        p.warnings
+    );
     assert!(p.desired.cluster_ips.is_empty());
 }
 
 #[test]
 fn session_affinity_default_timeout() {
-    let p = plan_yaml(&service(&format!("  clusterIP: 10.96.0.1\n  sessionAffinity: ClientIP\n{PORTS}")));
+    let p = plan_yaml(&service(&format!(
+        "  clusterIP: 10.96.0.1\n  sessionAffinity: ClientIP\n{PORTS}"
+    )));
     assert_eq!(only(&p).affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
 }

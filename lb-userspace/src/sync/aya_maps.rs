@@ -26,7 +26,10 @@ pub fn open_pin(dir: &Path, name: &str) -> anyhow::Result<Map> {
 fn err(name: &'static str, e: AyaMapError) -> MapError {
     if let AyaMapError::SyscallError(s) = &e {
         // The kernel says E2BIG when a hash map has no room for another key.
-        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) {
+        if matches!(
+            s.io_error.raw_os_error(),
+            Some(libc::E2BIG) | Some(libc::ENOSPC)
+        ) {
             return MapError::Full(name);
         }
     }
@@ -36,7 +39,10 @@ fn err(name: &'static str, e: AyaMapError) -> MapError {
 impl AyaMaps {
     /// Takes the maps of a freshly loaded object.
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing"))
+        };
         Ok(Self {
             services: take(maps::SERVICES)?.try_into()?,
             backends: take(maps::BACKENDS)?.try_into()?,
@@ -60,10 +66,16 @@ impl AyaMaps {
 
 impl MapStore for AyaMaps {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
-        self.services.iter().collect::<Result<_, _>>().map_err(|e| err(maps::SERVICES, e))
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(maps::SERVICES, e))
     }
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapError> {
-        self.backends.iter().collect::<Result<_, _>>().map_err(|e| err(maps::BACKENDS, e))
+        self.backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(maps::BACKENDS, e))
     }
     fn node_addresses(&self) -> Result<Vec<u32>, MapError> {
         self.node_addresses
@@ -81,7 +93,9 @@ impl MapStore for AyaMaps {
         Ok((c.layout_version != 0).then_some(c))
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
-        self.services.insert(key, value, 0).map_err(|e| err(maps::SERVICES, e))
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| err(maps::SERVICES, e))
     }
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         match self.services.remove(key) {
@@ -90,7 +104,9 @@ impl MapStore for AyaMaps {
         }
     }
     fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError> {
-        self.backends.insert(id, value, 0).map_err(|e| err(maps::BACKENDS, e))
+        self.backends
+            .insert(id, value, 0)
+            .map_err(|e| err(maps::BACKENDS, e))
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
         match self.backends.remove(&id) {
@@ -100,12 +116,16 @@ impl MapStore for AyaMaps {
     }
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError> {
         for (i, id) in ids.iter().enumerate() {
-            self.maglev.set(offset + i as u32, id, 0).map_err(|e| err(maps::MAGLEV, e))?;
+            self.maglev
+                .set(offset + i as u32, id, 0)
+                .map_err(|e| err(maps::MAGLEV, e))?;
         }
         Ok(())
     }
     fn put_node_address(&mut self, addr: u32) -> Result<(), MapError> {
-        self.node_addresses.insert(addr, 1, 0).map_err(|e| err(maps::NODE_ADDRESSES, e))
+        self.node_addresses
+            .insert(addr, 1, 0)
+            .map_err(|e| err(maps::NODE_ADDRESSES, e))
     }
     fn delete_node_address(&mut self, addr: u32) -> Result<(), MapError> {
         match self.node_addresses.remove(&addr) {
@@ -114,6 +134,8 @@ impl MapStore for AyaMaps {
         }
     }
     fn put_config(&mut self, config: Config) -> Result<(), MapError> {
-        self.config.set(0, config, 0).map_err(|e| err(maps::CONFIG, e))
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| err(maps::CONFIG, e))
     }
 }

@@ -28,7 +28,12 @@ impl RangeAllocator {
             }
             pos = pos.max(off + len);
         }
-        Self { capacity, free, cooling: Vec::new(), top: pos }
+        Self {
+            capacity,
+            free,
+            cooling: Vec::new(),
+            top: pos,
+        }
     }
 
     pub fn alloc(&mut self, len: u32) -> Option<u32> {
@@ -55,8 +60,10 @@ impl RangeAllocator {
 
     /// Makes ranges whose grace period is over reusable.
     pub fn reclaim(&mut self, now: Instant) {
-        let (ready, waiting): (Vec<_>, Vec<_>) =
-            self.cooling.drain(..).partition(|(t, _, _)| now.duration_since(*t) >= GRACE);
+        let (ready, waiting): (Vec<_>, Vec<_>) = self
+            .cooling
+            .drain(..)
+            .partition(|(t, _, _)| now.duration_since(*t) >= GRACE);
         self.cooling = waiting;
         self.free.extend(ready.into_iter().map(|(_, o, l)| (o, l)));
         self.free.sort();

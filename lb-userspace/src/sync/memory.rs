@@ -88,7 +88,8 @@ impl MapStore for MemoryMaps {
             .get_mut(o..o + ids.len())
             .ok_or(MapError::Full(maps::MAGLEV))?;
         slots.copy_from_slice(ids);
-        self.log.push(format!("write_maglev {offset}+{}", ids.len()));
+        self.log
+            .push(format!("write_maglev {offset}+{}", ids.len()));
         Ok(())
     }
     fn put_node_address(&mut self, addr: u32) -> Result<(), MapError> {

@@ -69,7 +69,13 @@ impl<S: MapStore> Syncer<S> {
         for v in services.values() {
             if v.maglev_len > 0 && !ranges.contains_key(&v.maglev_offset) {
                 let table = store.maglev(v.maglev_offset, v.maglev_len)?;
-                ranges.insert(v.maglev_offset, Range { len: v.maglev_len, table });
+                ranges.insert(
+                    v.maglev_offset,
+                    Range {
+                        len: v.maglev_len,
+                        table,
+                    },
+                );
             }
         }
         let backend_ids = backends
@@ -77,7 +83,10 @@ impl<S: MapStore> Syncer<S> {
             .map(|(id, b)| ((b.service_id, b.addr, b.port, b.proto), *id))
             .collect();
         let used = ranges.iter().map(|(o, r)| (*o, r.len)).collect();
-        if store.config()?.is_none_or(|c| c.layout_version != lb_common::LAYOUT_VERSION) {
+        if store
+            .config()?
+            .is_none_or(|c| c.layout_version != lb_common::LAYOUT_VERSION)
+        {
             store.put_config(Config::default())?;
         }
         Ok(Self {
@@ -113,7 +122,10 @@ impl<S: MapStore> Syncer<S> {
         let mut want_backends: BTreeSet<u32> = BTreeSet::new();
         for (id, svc) in &desired.services {
             let Some(&sid) = self.service_ids.get(id) else {
-                report.fail(&format!("service {id}"), MapError::Full(maps::SERVICE_STATS));
+                report.fail(
+                    &format!("service {id}"),
+                    MapError::Full(maps::SERVICE_STATS),
+                );
                 continue;
             };
             let ids = match self.sync_backends(sid, id.protocol, svc, &mut report) {
@@ -140,8 +152,11 @@ impl<S: MapStore> Syncer<S> {
                 Err(e) => report.fail(&format!("frontend {key:?}"), e),
             }
         }
-        let want_nodes: BTreeSet<u32> =
-            desired.node_addresses.iter().map(|a| addr::ipv4(a.octets())).collect();
+        let want_nodes: BTreeSet<u32> = desired
+            .node_addresses
+            .iter()
+            .map(|a| addr::ipv4(a.octets()))
+            .collect();
         for a in want_nodes.difference(&self.node_addresses.clone()) {
             match self.store.put_node_address(*a) {
                 Ok(()) => {
@@ -152,8 +167,12 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         // Deletions, in reverse order of dependency.
-        let stale: Vec<ServiceKey> =
-            self.services.keys().filter(|k| !want_services.contains_key(k)).copied().collect();
+        let stale: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !want_services.contains_key(k))
+            .copied()
+            .collect();
         for key in stale {
             match self.store.delete_service(&key) {
                 Ok(()) => {
@@ -164,8 +183,12 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         self.release_unused_ranges();
-        let stale: Vec<u32> =
-            self.backends.keys().filter(|id| !want_backends.contains(id)).copied().collect();
+        let stale: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !want_backends.contains(id))
+            .copied()
+            .collect();
         for id in stale {
             match self.store.delete_backend(id) {
                 Ok(()) => {
@@ -192,7 +215,8 @@ impl<S: MapStore> Syncer<S> {
     /// Keeps the id a service port already has (also one recovered from the maps through
     /// its frontend keys), and gives new service ports the lowest free id.
     fn assign_service_ids(&mut self, desired: &DesiredMaps) {
-        self.service_ids.retain(|id, _| desired.services.contains_key(id));
+        self.service_ids
+            .retain(|id, _| desired.services.contains_key(id));
         let mut taken: BTreeSet<u32> = self.service_ids.values().copied().collect();
         for (id, svc) in &desired.services {
             if self.service_ids.contains_key(id) {
@@ -200,7 +224,10 @@ impl<S: MapStore> Syncer<S> {
             }
             let recovered = svc.frontends.iter().find_map(|f| {
                 let key = frontend_key(f.addr, f.port, id.protocol, f.scope);
-                self.services.get(&key).map(|v| v.id).filter(|sid| *sid != 0 && !taken.contains(sid))
+                self.services
+                    .get(&key)
+                    .map(|v| v.id)
+                    .filter(|sid| *sid != 0 && !taken.contains(sid))
             });
             if let Some(sid) = recovered {
                 taken.insert(sid);
@@ -208,7 +235,7 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         let mut next = 1;
-        for (id, _) in &desired.services {
+        for id in desired.services.keys() {
             if self.service_ids.contains_key(id) {
                 continue;
             }
@@ -246,7 +273,11 @@ impl<S: MapStore> Syncer<S> {
                     id
                 }
             };
-            let flags = if b.local { lb_common::backend_flags::LOCAL } else { 0 };
+            let flags = if b.local {
+                lb_common::backend_flags::LOCAL
+            } else {
+                0
+            };
             let value = BackendValue::new(a, p, protocol, b.state, sid, flags);
             if self.backends.get(&id) != Some(&value) {
                 match self.store.put_backend(id, value) {
@@ -302,7 +333,10 @@ impl<S: MapStore> Syncer<S> {
                 flags |= service_flags::AFFINITY;
             }
             let count = f.selection.len() as u32;
-            want.insert(key, ServiceValue::new(sid, flags, f.kind, offset, len, count, affinity));
+            want.insert(
+                key,
+                ServiceValue::new(sid, flags, f.kind, offset, len, count, affinity),
+            );
         }
     }
 
@@ -325,8 +359,10 @@ impl<S: MapStore> Syncer<S> {
             .iter()
             .map(|&i| format!("{}:{}", svc.backends[i].addr, svc.backends[i].port))
             .collect();
-        let table: Vec<u32> =
-            maglev::table(&names, len).iter().map(|&i| ids[selection[i as usize]]).collect();
+        let table: Vec<u32> = maglev::table(&names, len)
+            .iter()
+            .map(|&i| ids[selection[i as usize]])
+            .collect();
         if let Some(cur) = self.services.get(key) {
             if let Some(r) = self.ranges.get(&cur.maglev_offset) {
                 if r.len == len && r.table == table {
@@ -361,7 +397,12 @@ impl<S: MapStore> Syncer<S> {
             .map(|v| v.maglev_offset)
             .collect();
         let now = Instant::now();
-        let unused: Vec<u32> = self.ranges.keys().filter(|o| !used.contains(o)).copied().collect();
+        let unused: Vec<u32> = self
+            .ranges
+            .keys()
+            .filter(|o| !used.contains(o))
+            .copied()
+            .collect();
         for off in unused {
             if let Some(r) = self.ranges.remove(&off) {
                 self.alloc.release(off, r.len, now);

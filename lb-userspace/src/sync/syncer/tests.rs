@@ -6,7 +6,12 @@ use crate::{
 use lb_common::{backend_state, kind};
 
 fn id(name: &str) -> ServicePortId {
-    ServicePortId { namespace: "ns".into(), name: name.into(), port_name: "http".into(), protocol: lb_common::proto::TCP }
+    ServicePortId {
+        namespace: "ns".into(),
+        name: name.into(),
+        port_name: "http".into(),
+        protocol: lb_common::proto::TCP,
+    }
 }
 
 fn desired(services: &[(&str, u8, &[u8])]) -> DesiredMaps {
@@ -14,7 +19,12 @@ fn desired(services: &[(&str, u8, &[u8])]) -> DesiredMaps {
     for (name, ip_last, backends) in services {
         let backends: Vec<DesiredBackend> = backends
             .iter()
-            .map(|b| DesiredBackend { addr: Ipv4Addr::new(10, 0, 0, *b), port: 8080, state: backend_state::ACTIVE, local: true })
+            .map(|b| DesiredBackend {
+                addr: Ipv4Addr::new(10, 0, 0, *b),
+                port: 8080,
+                state: backend_state::ACTIVE,
+                local: true,
+            })
             .collect();
         let frontends = vec![DesiredFrontend {
             addr: Ipv4Addr::new(10, 96, 0, *ip_last),
@@ -24,7 +34,14 @@ fn desired(services: &[(&str, u8, &[u8])]) -> DesiredMaps {
             local_policy: false,
             selection: (0..backends.len()).collect(),
         }];
-        d.services.insert(id(name), DesiredService { backends, frontends, affinity_timeout: None });
+        d.services.insert(
+            id(name),
+            DesiredService {
+                backends,
+                frontends,
+                affinity_timeout: None,
+            },
+        );
         d.cluster_ips.insert(Ipv4Addr::new(10, 96, 0, *ip_last));
     }
     d.node_addresses.insert(Ipv4Addr::new(192, 0, 2, 1));
@@ -32,7 +49,12 @@ fn desired(services: &[(&str, u8, &[u8])]) -> DesiredMaps {
 }
 
 fn entry(s: &Syncer<MemoryMaps>, ip_last: u8) -> ServiceValue {
-    let key = ServiceKey::new(addr::ipv4([10, 96, 0, ip_last]), addr::port(80), lb_common::proto::TCP, scope::INTERNAL);
+    let key = ServiceKey::new(
+        addr::ipv4([10, 96, 0, ip_last]),
+        addr::port(80),
+        lb_common::proto::TCP,
+        scope::INTERNAL,
+    );
     *s.store().services.get(&key).expect("frontend entry")
 }
 
@@ -66,15 +88,28 @@ fn a_changed_selection_gets_a_fresh_range_written_before_the_flip() {
     let mark = s.store().log.len();
     s.apply(&desired(&[("a", 1, &[1])]));
     let after = entry(&s, 1);
-    assert_ne!(after.maglev_offset, before.maglev_offset, "the range in use must not be rewritten");
+    assert_ne!(
+        after.maglev_offset, before.maglev_offset,
+        "the range in use must not be rewritten"
+    );
     let log = &s.store().log[mark..];
-    let pos = |p: &str| log.iter().position(|l| l.starts_with(p)).unwrap_or_else(|| panic!("{p} missing in {log:?}"));
+    let pos = |p: &str| {
+        log.iter()
+            .position(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("{p} missing in {log:?}"))
+    };
     assert!(pos("write_maglev") < pos("put_service"), "{log:?}");
     assert!(pos("put_service") < pos("delete_backend"), "{log:?}");
-    let table = s.store().maglev(after.maglev_offset, after.maglev_len).unwrap();
+    let table = s
+        .store()
+        .maglev(after.maglev_offset, after.maglev_len)
+        .unwrap();
     let remaining: std::collections::BTreeSet<u32> = table.into_iter().collect();
     assert_eq!(remaining.len(), 1);
-    assert!(s.store().backends.contains_key(remaining.iter().next().unwrap()));
+    assert!(s
+        .store()
+        .backends
+        .contains_key(remaining.iter().next().unwrap()));
 }
 
 #[test]
@@ -84,8 +119,14 @@ fn new_backends_are_written_before_the_table_that_names_them() {
     let mark = s.store().log.len();
     s.apply(&desired(&[("a", 1, &[1, 2])]));
     let log = &s.store().log[mark..];
-    let backend = log.iter().position(|l| l.starts_with("put_backend")).unwrap();
-    let table = log.iter().position(|l| l.starts_with("write_maglev")).unwrap();
+    let backend = log
+        .iter()
+        .position(|l| l.starts_with("put_backend"))
+        .unwrap();
+    let table = log
+        .iter()
+        .position(|l| l.starts_with("write_maglev"))
+        .unwrap();
     assert!(backend < table, "{log:?}");
 }
 
