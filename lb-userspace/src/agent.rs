@@ -107,6 +107,7 @@ impl Agent {
 
 async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let path = args.source_path()?;
+    let lifetimes = args.lifetimes.config()?;
     let uplinks = if args.external_ifaces.is_empty() {
         vec![interfaces::default_route_iface()
             .context("no --external-iface given and no default route to find one")?]
@@ -128,7 +129,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         health.clone(),
     ));
 
-    let syncer = Syncer::recover(dp.maps()?)?;
+    let syncer = Syncer::recover(dp.maps()?, lifetimes)?;
     let mut agent = Agent {
         source: ManifestSource::new(&path),
         node,

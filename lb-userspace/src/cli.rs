@@ -1,6 +1,6 @@
 //! The `lb` command line. Its flags are a contract that deployments and tests rely on.
 
-use std::{net::Ipv4Addr, net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::Ipv4Addr, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the node agent: program the data path and keep it in step with the services.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show frontends with their backends.
     Services(InspectArgs),
     /// Show tracked flows.
@@ -75,12 +75,56 @@ pub struct AgentArgs {
     pub pins: PinArgs,
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
+    #[command(flatten)]
+    pub lifetimes: Lifetimes,
     /// kube-proxy compatible `/healthz` and `/livez`.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_addr: SocketAddr,
     /// Prometheus metrics.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
+}
+
+/// Conntrack lifetimes, refreshed by traffic. Defaults are Cilium's.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct Lifetimes {
+    /// Established TCP flows.
+    #[arg(long = "ct-tcp-established", value_parser = humantime::parse_duration, default_value = "6h")]
+    pub tcp_established: Duration,
+    /// TCP flows whose handshake has not completed.
+    #[arg(long = "ct-tcp-opening", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub tcp_opening: Duration,
+    /// TCP flows that have seen a FIN or RST.
+    #[arg(long = "ct-tcp-closing", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub tcp_closing: Duration,
+    /// UDP flows.
+    #[arg(long = "ct-udp", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub udp: Duration,
+    /// Other protocols.
+    #[arg(long = "ct-other", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub other: Duration,
+}
+
+impl Lifetimes {
+    /// The CONFIG entry the programs read, in whole seconds.
+    pub fn config(&self) -> anyhow::Result<lb_common::Config> {
+        let secs = |name: &str, d: Duration| -> anyhow::Result<u32> {
+            match u32::try_from(d.as_secs()) {
+                Ok(s) if s > 0 => Ok(s),
+                _ => anyhow::bail!(
+                    "--ct-{name} must be between 1s and {}s, got {d:?}",
+                    u32::MAX
+                ),
+            }
+        };
+        Ok(lb_common::Config::new(
+            secs("tcp-established", self.tcp_established)?,
+            secs("tcp-opening", self.tcp_opening)?,
+            secs("tcp-closing", self.tcp_closing)?,
+            secs("udp", self.udp)?,
+            secs("other", self.other)?,
+        ))
+    }
 }
 
 impl AgentArgs {
@@ -108,7 +152,7 @@ pub fn main() -> ExitCode {
         )
         .init();
     let result = match cli.command {
-        Command::Agent(args) => crate::agent::run(args),
+        Command::Agent(args) => crate::agent::run(*args),
         Command::Services(a) => crate::inspect::services(&a.pins.bpffs, a.output),
         Command::Conntrack(a) => crate::inspect::conntrack(&a.pins.bpffs, a.output),
         Command::Stats(a) => crate::inspect::stats(&a.pins.bpffs, a.output),
@@ -176,6 +220,27 @@ mod tests {
         assert_eq!(a.healthz_addr.port(), 10256);
         assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:10249");
         assert_eq!(a.pins.bpffs, PathBuf::from(DEFAULT_BPFFS));
+        assert_eq!(a.lifetimes.config().unwrap(), lb_common::Config::default());
+    }
+
+    #[test]
+    fn conntrack_lifetimes_take_durations() {
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["lb", "agent", "--source", "file:x"];
+            argv.extend(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Agent(a)) => Ok(a),
+                Ok(_) => panic!("not agent"),
+                Err(e) => Err(e),
+            }
+        };
+        let a = args(&["--ct-tcp-established", "2h 30m", "--ct-udp", "90s"]).unwrap();
+        let c = a.lifetimes.config().unwrap();
+        assert_eq!((c.tcp_established_s, c.udp_s), (9000, 90));
+        assert_eq!(c.tcp_closing_s, lb_common::Config::default().tcp_closing_s);
+        assert!(args(&["--ct-udp", "soon"]).is_err());
+        let zero = args(&["--ct-other", "0s"]).unwrap().lifetimes.config();
+        assert!(zero.unwrap_err().to_string().contains("--ct-other"));
     }
 
     #[test]

@@ -121,8 +121,9 @@ fn check_layout(dir: &Path) -> anyhow::Result<()> {
 pub struct Datapath {
     pub ebpf: Ebpf,
     dir: PathBuf,
-    /// (interface, hook) attached by this process or found from an earlier one.
-    attached: BTreeSet<(String, &'static str)>,
+    /// (interface index, hook) attached by this process or found from an earlier one. By
+    /// index, not name: a pod's interface can be deleted and created again under its name.
+    attached: BTreeSet<(u32, &'static str)>,
 }
 
 impl Datapath {
@@ -166,7 +167,13 @@ impl Datapath {
     }
 
     pub fn is_attached(&self, iface: &str, hook: &'static str) -> bool {
-        self.attached.contains(&(iface.to_string(), hook))
+        interfaces::index(iface).is_some_and(|i| self.attached.contains(&(i, hook)))
+    }
+
+    fn mark_attached(&mut self, iface: &str, hook: &'static str) {
+        if let Some(i) = interfaces::index(iface) {
+            self.attached.insert((i, hook));
+        }
     }
 
     /// XDP on an uplink, through a bpf_link pinned as `links/xdp-<mode>-<iface>`: an
@@ -215,7 +222,7 @@ impl Datapath {
                 m.to_string()
             }
         };
-        self.attached.insert((iface.to_string(), "xdp"));
+        self.mark_attached(iface, "xdp");
         Ok(mode_name)
     }
 
@@ -253,7 +260,7 @@ impl Datapath {
         // Netlink filters stay until removed; the agent exiting must not remove them.
         std::mem::forget(prog.take_link(id)?);
         let hook = if egress { "tc-egress" } else { "tc-ingress" };
-        self.attached.insert((iface.to_string(), hook));
+        self.mark_attached(iface, hook);
         Ok(())
     }
 }

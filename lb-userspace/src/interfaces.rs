@@ -31,6 +31,14 @@ pub fn list() -> std::io::Result<BTreeMap<String, Vec<Ipv4Addr>>> {
     Ok(out)
 }
 
+/// The index of an interface in this network namespace.
+pub fn index(iface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: name is a valid C string.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
 /// The interface of the IPv4 default route, from this namespace's routing table.
 pub fn default_route_iface() -> Option<String> {
     let table = std::fs::read_to_string("/proc/self/net/route").ok()?;

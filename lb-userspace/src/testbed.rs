@@ -161,6 +161,27 @@ pub struct Cluster {
     lb: PathBuf,
 }
 
+/// The pod's veth pair, its address and routes on both sides.
+fn wire_pod(node: &Netns, pod: &Pod) -> Result<()> {
+    let (ns, ip, host_iface) = (&pod.ns, pod.ip, pod.host_iface.as_str());
+    veth(node, host_iface, ns, "eth0")?;
+    ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+    ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
+    ns.ip(&["route", "add", "default", "via", "169.254.1.1"])?;
+    // The pods' gateway is a link-local address every pod interface of the node has.
+    node.ip(&[
+        "addr",
+        "add",
+        "169.254.1.1/32",
+        "dev",
+        host_iface,
+        "scope",
+        "link",
+    ])?;
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_iface])?;
+    Ok(())
+}
+
 impl Cluster {
     pub fn new(lb: &Path, pod_names: &[&str]) -> Result<Self> {
         let client = Netns::new("lbc")?;
@@ -189,30 +210,14 @@ impl Cluster {
         )?;
         let mut pods = Vec::new();
         for (i, name) in pod_names.iter().enumerate() {
-            let ns = Netns::new("lbp")?;
-            let ip = Ipv4Addr::new(10, 244, 0, 10 + i as u8);
-            let host_iface = format!("lbp{i}");
-            veth(&node, &host_iface, &ns, "eth0")?;
-            ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-            ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
-            ns.ip(&["route", "add", "default", "via", "169.254.1.1"])?;
-            // The pods' gateway is a link-local address every pod interface of the node has.
-            node.ip(&[
-                "addr",
-                "add",
-                "169.254.1.1/32",
-                "dev",
-                &host_iface,
-                "scope",
-                "link",
-            ])?;
-            node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
-            pods.push(Pod {
+            let pod = Pod {
                 name: name.to_string(),
-                ns,
-                ip,
-                host_iface,
-            });
+                ns: Netns::new("lbp")?,
+                ip: Ipv4Addr::new(10, 244, 0, 10 + i as u8),
+                host_iface: format!("lbp{i}"),
+            };
+            wire_pod(&node, &pod)?;
+            pods.push(pod);
         }
         let bpffs = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
         let agent_log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
@@ -301,13 +306,26 @@ impl Cluster {
             .stderr(log)
             .spawn()?;
         let synced_before = self.synced_count();
-        self.agent = Some(child);
-        self.wait_synced(synced_before + 1)?;
         // The pod interfaces are attached right after the first sync.
-        self.wait_log(&format!(
+        let attached = format!(
             "attached pod interface iface={}",
             self.pods.last().map_or("", |p| &p.host_iface)
-        ))
+        );
+        let attached_before = self.log_count(&attached);
+        self.agent = Some(child);
+        self.wait_synced(synced_before + 1)?;
+        self.wait_log(&attached, attached_before + 1)
+    }
+
+    /// Deletes a pod's interfaces and creates them again under the same names, as a CNI does
+    /// when a pod is recreated, then waits for the agent to attach the new interface.
+    pub fn recreate_pod_interface(&self, pod: usize) -> Result<()> {
+        let p = &self.pods[pod];
+        let attached = format!("attached pod interface iface={}", p.host_iface);
+        let before = self.log_count(&attached);
+        self.node.ip(&["link", "del", &p.host_iface])?;
+        wire_pod(&self.node, p)?;
+        self.wait_log(&attached, before + 1)
     }
 
     /// Kills the agent without giving it a chance to clean up.
@@ -324,7 +342,11 @@ impl Cluster {
 
     /// How many times the agent has said "synced" so far.
     pub fn synced_count(&self) -> usize {
-        self.log().lines().filter(|l| l.contains(" synced")).count()
+        self.log_count(" synced")
+    }
+
+    fn log_count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
     }
 
     pub fn wait_synced(&self, count: usize) -> Result<()> {
@@ -332,8 +354,9 @@ impl Cluster {
             .with_context(|| format!("agent did not sync; log:\n{}", self.log()))
     }
 
-    fn wait_log(&self, needle: &str) -> Result<()> {
-        self.wait_until(|| self.log().contains(needle))
+    /// Waits until the agent's log has `count` lines with `needle`.
+    fn wait_log(&self, needle: &str, count: usize) -> Result<()> {
+        self.wait_until(|| self.log_count(needle) >= count)
             .with_context(|| format!("agent did not log {needle:?}; log:\n{}", self.log()))
     }
 

@@ -183,6 +183,14 @@ fn pod_reaches_cluster_ip_and_backend_sees_its_address() {
         .run(move || udp_ask(&udp_socket(to).unwrap()))
         .unwrap();
     assert!(answer.expect("UDP via ClusterIP").starts_with("pod-"));
+
+    // A recreated pod gets a new interface under the old name; it is attached again.
+    s.cluster.recreate_pod_interface(2).unwrap();
+    let to = SocketAddr::from((CLUSTER_IP, 80));
+    let answer = s.cluster.pods[2].ns.run(move || tcp_request(to)).unwrap();
+    assert!(answer
+        .expect("ClusterIP after the pod's interface came back")
+        .starts_with("pod-"));
 }
 
 #[test]

@@ -134,12 +134,13 @@ fn build() -> Result<PathBuf> {
 fn test() -> Result<()> {
     let object = build()?;
     let bin = root().join("target/release/lb");
-    // Unit tests of every default member, then the privileged suites, one test at a time
-    // (they share kernel state such as bpffs).
+    // Unit tests of the default members (not `--workspace`: lb-ebpf only builds for the BPF
+    // target), then the privileged suites, one test at a time (they share kernel state such
+    // as bpffs).
     exec(
         cargo()
             .env("LB_EBPF_OBJECT", &object)
-            .args(["test", "--release", "--workspace"]),
+            .args(["test", "--release"]),
     )?;
     exec(
         cargo()

@@ -60,8 +60,9 @@ pub struct Syncer<S: MapStore> {
 
 impl<S: MapStore> Syncer<S> {
     /// Takes over whatever the maps hold, so that a restarted agent keeps ids and tables and
-    /// rewrites nothing that is already right.
-    pub fn recover(mut store: S) -> anyhow::Result<Self> {
+    /// rewrites nothing that is already right. `config` replaces the CONFIG entry when it
+    /// differs.
+    pub fn recover(mut store: S, config: Config) -> anyhow::Result<Self> {
         let services: BTreeMap<_, _> = store.services()?.into_iter().collect();
         let backends: BTreeMap<_, _> = store.backends()?.into_iter().collect();
         let node_addresses = store.node_addresses()?.into_iter().collect();
@@ -83,11 +84,8 @@ impl<S: MapStore> Syncer<S> {
             .map(|(id, b)| ((b.service_id, b.addr, b.port, b.proto), *id))
             .collect();
         let used = ranges.iter().map(|(o, r)| (*o, r.len)).collect();
-        if store
-            .config()?
-            .is_none_or(|c| c.layout_version != lb_common::LAYOUT_VERSION)
-        {
-            store.put_config(Config::default())?;
+        if store.config()? != Some(config) {
+            store.put_config(config)?;
         }
         Ok(Self {
             store,

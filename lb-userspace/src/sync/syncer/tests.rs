@@ -60,7 +60,7 @@ fn entry(s: &Syncer<MemoryMaps>, ip_last: u8) -> ServiceValue {
 
 #[test]
 fn second_apply_of_the_same_state_writes_nothing() {
-    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
     let d = desired(&[("a", 1, &[1, 2]), ("b", 2, &[3])]);
     let r = s.apply(&d);
     assert!(r.errors.is_empty() && r.writes > 0, "{r:?}");
@@ -70,11 +70,11 @@ fn second_apply_of_the_same_state_writes_nothing() {
 
 #[test]
 fn restart_recovers_ids_and_tables_without_writes() {
-    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
     let d = desired(&[("a", 1, &[1, 2]), ("b", 2, &[3])]);
     s.apply(&d);
     let (a, b) = (entry(&s, 1), entry(&s, 2));
-    let mut again = Syncer::recover(s.store().clone()).unwrap();
+    let mut again = Syncer::recover(s.store().clone(), Config::default()).unwrap();
     let r = again.apply(&d);
     assert_eq!((r.writes, r.deletes), (0, 0), "{r:?}");
     assert_eq!((entry(&again, 1), entry(&again, 2)), (a, b));
@@ -82,7 +82,7 @@ fn restart_recovers_ids_and_tables_without_writes() {
 
 #[test]
 fn a_changed_selection_gets_a_fresh_range_written_before_the_flip() {
-    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
     s.apply(&desired(&[("a", 1, &[1, 2])]));
     let before = entry(&s, 1);
     let mark = s.store().log.len();
@@ -114,7 +114,7 @@ fn a_changed_selection_gets_a_fresh_range_written_before_the_flip() {
 
 #[test]
 fn new_backends_are_written_before_the_table_that_names_them() {
-    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
     s.apply(&desired(&[("a", 1, &[1])]));
     let mark = s.store().log.len();
     s.apply(&desired(&[("a", 1, &[1, 2])]));
@@ -132,7 +132,7 @@ fn new_backends_are_written_before_the_table_that_names_them() {
 
 #[test]
 fn removed_services_are_deleted_and_their_ids_reused_later() {
-    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
     s.apply(&desired(&[("a", 1, &[1]), ("b", 2, &[2])]));
     let r = s.apply(&desired(&[("b", 2, &[2])]));
     assert!(r.deletes >= 3, "frontend, marker, backend: {r:?}");
@@ -142,7 +142,7 @@ fn removed_services_are_deleted_and_their_ids_reused_later() {
 
 #[test]
 fn a_full_map_is_reported_and_the_rest_applied() {
-    let mut s = Syncer::recover(MemoryMaps::with_capacity(3, 1 << 16)).unwrap();
+    let mut s = Syncer::recover(MemoryMaps::with_capacity(3, 1 << 16), Config::default()).unwrap();
     let r = s.apply(&desired(&[("a", 1, &[1]), ("b", 2, &[2])]));
     assert!(r.map_full >= 1, "{r:?}");
     assert_eq!(s.store().services.len(), 3, "what fits is written");
@@ -150,8 +150,17 @@ fn a_full_map_is_reported_and_the_rest_applied() {
 
 #[test]
 fn no_endpoints_means_an_entry_without_table() {
-    let mut s = Syncer::recover(MemoryMaps::default()).unwrap();
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
     s.apply(&desired(&[("a", 1, &[])]));
     let e = entry(&s, 1);
     assert_eq!((e.backend_count, e.maglev_len), (0, 0));
+}
+
+#[test]
+fn recover_writes_the_configured_lifetimes() {
+    let s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    assert_eq!(s.store().config, Some(Config::default()));
+    let shorter = Config::new(3600, 30, 5, 20, 20);
+    let again = Syncer::recover(s.store().clone(), shorter).unwrap();
+    assert_eq!(again.store().config, Some(shorter));
 }
