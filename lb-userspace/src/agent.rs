@@ -138,7 +138,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     };
     let mut seen = fingerprint(&agent.source);
     agent.apply();
-    attach_pods(&mut dp, &args.pod_ifaces, &uplinks);
+    let mut links = interfaces::LinkEvents::subscribe().context("netlink link subscription")?;
+    let mut pods_complete = attach_pods(&mut dp, &args.pod_ifaces, &uplinks);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(POLL);
@@ -157,7 +158,16 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
                     _ => {}
                 }
                 agent.syncer.tick();
-                attach_pods(&mut dp, &args.pod_ifaces, &uplinks);
+                // A failed attach gets no second netlink message: retry it here.
+                if !pods_complete {
+                    pods_complete = attach_pods(&mut dp, &args.pod_ifaces, &uplinks);
+                }
+            }
+            changed = links.changed() => {
+                if let Err(e) = changed {
+                    tracing::warn!(error = %e, "netlink link events");
+                }
+                pods_complete = attach_pods(&mut dp, &args.pod_ifaces, &uplinks);
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
@@ -169,9 +179,13 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 /// Attaches the pod programs to every interface that matches a pattern and is not attached
-/// yet (pods come and go while the agent runs).
-fn attach_pods(dp: &mut Datapath, patterns: &[String], uplinks: &[String]) {
-    let Ok(all) = interfaces::list() else { return };
+/// yet (pods come and go while the agent runs). False when an interface is left unattached.
+fn attach_pods(dp: &mut Datapath, patterns: &[String], uplinks: &[String]) -> bool {
+    let Ok(all) = interfaces::list() else {
+        return false;
+    };
+    dp.forget_missing(&all.keys().filter_map(|n| interfaces::index(n)).collect());
+    let mut complete = true;
     for name in all.keys() {
         if uplinks.contains(name) || !patterns.iter().any(|p| interfaces::glob_match(p, name)) {
             continue;
@@ -184,7 +198,11 @@ fn attach_pods(dp: &mut Datapath, patterns: &[String], uplinks: &[String]) {
             .and_then(|()| dp.attach_tc(name, "lb_pod_egress", true));
         match result {
             Ok(()) => tracing::info!(iface = %name, "attached pod interface"),
-            Err(e) => tracing::warn!(iface = %name, error = %format!("{e:#}"), "attach failed"),
+            Err(e) => {
+                complete = false;
+                tracing::warn!(iface = %name, error = %format!("{e:#}"), "attach failed");
+            }
         }
     }
+    complete
 }

@@ -170,6 +170,11 @@ impl Datapath {
         interfaces::index(iface).is_some_and(|i| self.attached.contains(&(i, hook)))
     }
 
+    /// Drops what is remembered about interfaces that no longer exist (pods come and go).
+    pub fn forget_missing(&mut self, present: &BTreeSet<u32>) {
+        self.attached.retain(|(i, _)| present.contains(i));
+    }
+
     fn mark_attached(&mut self, iface: &str, hook: &'static str) {
         if let Some(i) = interfaces::index(iface) {
             self.attached.insert((i, hook));

@@ -1,8 +1,34 @@
 //! The network interfaces of the agent's network namespace, read through getifaddrs (which
-//! asks the kernel over netlink), never through /sys/class/net: that shows the namespace of
-//! the mount, not of the process.
+//! asks the kernel over netlink) and watched through a netlink link subscription, never
+//! through /sys/class/net: that shows the namespace of the mount, not of the process.
 
 use std::{collections::BTreeMap, ffi::CStr, net::Ipv4Addr};
+
+use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
+
+/// Wakes whenever an interface appears, changes or goes away in this network namespace.
+pub struct LinkEvents(TokioSocket);
+
+impl LinkEvents {
+    /// Subscribes before the caller's first `list()`, so no interface can slip in between.
+    pub fn subscribe() -> std::io::Result<Self> {
+        let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
+        socket
+            .socket_mut()
+            .bind(&SocketAddr::new(0, libc::RTMGRP_LINK as u32))?;
+        Ok(Self(socket))
+    }
+
+    /// Waits for the next link message. The messages are not parsed: the caller lists the
+    /// interfaces again, which also covers an overrun of the socket buffer (ENOBUFS), where
+    /// messages were lost.
+    pub async fn changed(&mut self) -> std::io::Result<()> {
+        match self.0.recv_from_full().await {
+            Err(e) if e.raw_os_error() != Some(libc::ENOBUFS) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Interface names with their IPv4 addresses.
 pub fn list() -> std::io::Result<BTreeMap<String, Vec<Ipv4Addr>>> {

@@ -330,3 +330,38 @@ fn agent_restart_keeps_connections_and_service() {
     after.0.expect("established flow after restart");
     after.1.expect("new connection after restart");
 }
+
+/// Sets the layout version in the pinned CONFIG map, as an agent of another release would
+/// have left it.
+fn pin_layout_version(s: &Setup, version: u32) {
+    let map = lb_userspace::sync::open_pin(&s.cluster.bpffs, lb_common::maps::CONFIG).unwrap();
+    let mut config: aya::maps::Array<_, lb_common::Config> = map.try_into().unwrap();
+    let mut c = config.get(&0, 0).unwrap();
+    c.layout_version = version;
+    config.set(0, c, 0).unwrap();
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn agent_replaces_maps_of_another_layout() {
+    let mut s = setup(&["pod-a", "pod-b"], 2);
+    let to = SocketAddr::from((NODE_IP, NODE_PORT));
+    assert_eq!(answers(&s, to, 8).len(), 2);
+    s.cluster.kill_agent();
+    pin_layout_version(&s, lb_common::LAYOUT_VERSION + 1);
+    s.cluster
+        .start_agent(&s.file.clone())
+        .expect("agent restarts");
+    assert!(
+        s.cluster.log().contains("pinned maps have another layout"),
+        "the agent did not say it replaced the maps:\n{}",
+        s.cluster.log()
+    );
+    let map = lb_userspace::sync::open_pin(&s.cluster.bpffs, lb_common::maps::CONFIG).unwrap();
+    let config: aya::maps::Array<_, lb_common::Config> = map.try_into().unwrap();
+    assert_eq!(
+        config.get(&0, 0).unwrap().layout_version,
+        lb_common::LAYOUT_VERSION
+    );
+    assert_eq!(answers(&s, to, 8).len(), 2, "served from the new maps");
+}
