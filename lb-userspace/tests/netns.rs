@@ -254,6 +254,19 @@ fn removing_an_endpoint_moves_new_flows_and_keeps_established_ones() {
 #[ignore = "needs root and the eBPF object: cargo xtask test"]
 fn service_without_endpoints_refuses_promptly() {
     let s = setup(&["pod-a", "client"], 1);
+    // Host processes on the node listen on the empty NodePort: the service still wins, as
+    // with kube-proxy, so these must never answer.
+    let _host_listeners = s
+        .cluster
+        .node
+        .run(|| {
+            let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, EMPTY_NODE_PORT));
+            (
+                std::net::TcpListener::bind(any).unwrap(),
+                std::net::UdpSocket::bind(any).unwrap(),
+            )
+        })
+        .unwrap();
     let check = |r: std::io::Result<String>, what: &str, started: Instant| {
         let e = r.expect_err(what);
         assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{what}: {e}");
