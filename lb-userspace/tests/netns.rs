@@ -17,6 +17,7 @@ const EMPTY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const NODE_PORT: u16 = 30080;
 const EMPTY_NODE_PORT: u16 = 30081;
+const TCP_ONLY_NODE_PORT: u16 = 30082;
 
 fn lb_bin() -> PathBuf {
     std::env::var_os("LB_BIN")
@@ -71,7 +72,27 @@ spec:
   ports:
   - {{name: http, port: 80, targetPort: 8080, nodePort: {EMPTY_NODE_PORT}, protocol: TCP}}
   - {{name: dns, port: 53, targetPort: 8080, nodePort: {EMPTY_NODE_PORT}, protocol: UDP}}
-"#
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: tcp-only, namespace: demo}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {TCP_ONLY_NODE_PORT}, protocol: TCP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: tcp-only-abc
+  namespace: demo
+  labels: {{kubernetes.io/service-name: tcp-only}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+endpoints:
+{eps}"#
     )
 }
 
@@ -377,4 +398,59 @@ fn agent_replaces_maps_of_another_layout() {
         lb_common::LAYOUT_VERSION
     );
     assert_eq!(answers(&s, to, 8).len(), 2, "served from the new maps");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn a_node_port_takes_only_its_own_protocol_from_host_processes() {
+    let s = setup(&["pod-a"], 1);
+    // A host process on the node serves UDP on the port the service claims for TCP only.
+    let host = s
+        .cluster
+        .node
+        .run(|| {
+            std::net::UdpSocket::bind(SocketAddr::from((
+                Ipv4Addr::UNSPECIFIED,
+                TCP_ONLY_NODE_PORT,
+            )))
+            .unwrap()
+        })
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = host.recv_from(&mut buf) {
+            let _ = host.send_to(b"host", from);
+        }
+    });
+    let to = SocketAddr::from((NODE_IP, TCP_ONLY_NODE_PORT));
+    let (tcp, udp) = from_client(&s, move || {
+        (tcp_request(to), udp_ask(&udp_socket(to).unwrap()))
+    });
+    assert_eq!(tcp.expect("TCP through the NodePort"), "pod-a");
+    assert_eq!(udp.expect("UDP to the host process"), "host");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn a_udp_service_scaled_to_zero_and_back_serves_the_same_flow_at_once() {
+    let s = setup(&["pod-a", "pod-b"], 2);
+    let to = SocketAddr::from((NODE_IP, NODE_PORT));
+    let sock = from_client(&s, move || {
+        let sock = udp_socket(to).unwrap();
+        udp_ask(&sock).expect("UDP before scaling down");
+        sock
+    });
+    rewrite(&s, &[]);
+    let (sock, down) = from_client(&s, move || {
+        let r = udp_ask(&sock);
+        (sock, r)
+    });
+    assert_eq!(
+        down.expect_err("UDP with no endpoints").kind(),
+        ErrorKind::ConnectionRefused
+    );
+    rewrite(&s, &[1]);
+    // The same socket, so the same conntrack key: its old entry must not black-hole it.
+    let up = from_client(&s, move || udp_ask(&sock));
+    assert_eq!(up.expect("UDP right after scaling up"), "pod-b");
 }
