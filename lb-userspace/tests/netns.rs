@@ -28,11 +28,28 @@ fn lb_bin() -> PathBuf {
 /// The echo service (TCP 80 and UDP 53 to the pods' 8080, NodePort, LB IP) with the given
 /// pods as endpoints, and a service without endpoints.
 fn manifest(cluster: &Cluster, endpoints: &[usize]) -> String {
+    let ready: Vec<(usize, Condition)> = endpoints.iter().map(|&i| (i, Ready)).collect();
+    manifest_with(cluster, &ready)
+}
+
+#[derive(Clone, Copy)]
+enum Condition {
+    Ready,
+    /// serving and terminating, not ready: a pod that is shutting down.
+    Terminating,
+}
+use Condition::*;
+
+fn manifest_with(cluster: &Cluster, endpoints: &[(usize, Condition)]) -> String {
     let eps: String = endpoints
         .iter()
-        .map(|&i| {
+        .map(|&(i, c)| {
+            let conditions = match c {
+                Ready => "{ready: true}",
+                Terminating => "{ready: false, serving: true, terminating: true}",
+            };
             format!(
-                "- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
+                "- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {conditions}\n",
                 cluster.pods[i].ip
             )
         })
@@ -121,8 +138,13 @@ fn setup(pods: &[&str], backends: usize) -> Setup {
 /// Rewrites the manifest in place (truncate and write, as editors and scripts do) and
 /// waits for the agent to apply it.
 fn rewrite(s: &Setup, endpoints: &[usize]) {
+    let ready: Vec<(usize, Condition)> = endpoints.iter().map(|&i| (i, Ready)).collect();
+    rewrite_with(s, &ready);
+}
+
+fn rewrite_with(s: &Setup, endpoints: &[(usize, Condition)]) {
     let before = s.cluster.synced_count();
-    std::fs::write(&s.file, manifest(&s.cluster, endpoints)).unwrap();
+    std::fs::write(&s.file, manifest_with(&s.cluster, endpoints)).unwrap();
     s.cluster
         .wait_synced(before + 1)
         .expect("agent applied the change");
@@ -453,4 +475,34 @@ fn a_udp_service_scaled_to_zero_and_back_serves_the_same_flow_at_once() {
     // The same socket, so the same conntrack key: its old entry must not black-hole it.
     let up = from_client(&s, move || udp_ask(&sock));
     assert_eq!(up.expect("UDP right after scaling up"), "pod-b");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn a_terminating_endpoint_finishes_its_connections_and_is_the_last_resort() {
+    let s = setup(&["pod-a", "pod-b"], 2);
+    let to = SocketAddr::from((NODE_IP, NODE_PORT));
+    let (sess, first) = from_client(&s, move || {
+        let mut sess = Session::open(to).unwrap();
+        let who = sess.ask().unwrap();
+        (sess, who)
+    });
+    let (leaving, staying) = if first == "pod-a" { (0, 1) } else { (1, 0) };
+    rewrite_with(&s, &[(leaving, Terminating), (staying, Ready)]);
+    let (sess, still) = from_client(&s, move || {
+        let mut sess = sess;
+        let r = sess.ask();
+        (sess, r)
+    });
+    assert_eq!(still.expect("established flow to a terminating pod"), first);
+    let new = answers(&s, to, 12);
+    assert_eq!(
+        new,
+        BTreeSet::from([s.cluster.pods[staying].name.clone()]),
+        "new connections went to the terminating pod"
+    );
+    // Only the terminating pod is left: kube-proxy falls back to it.
+    rewrite_with(&s, &[(leaving, Terminating)]);
+    assert_eq!(answers(&s, to, 4), BTreeSet::from([first.clone()]));
+    drop(sess);
 }
