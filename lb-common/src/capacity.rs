@@ -11,6 +11,11 @@ pub const CONNTRACK: u32 = 524_288;
 /// First-fragment translations awaiting the later fragments of their datagram.
 pub const FRAGMENTS: u32 = 8_192;
 pub const NODE_ADDRESSES: u32 = 256;
+/// loadBalancerSourceRanges CIDRs, one entry per (service port, CIDR).
+pub const SOURCE_RANGES: u32 = 16_384;
+/// sessionAffinity clients, one per (service port, client address); least recently used
+/// entries make room.
+pub const AFFINITY: u32 = 65_536;
 /// Per-service counters are indexed by service id, so this is also the id space.
 pub const SERVICE_STATS: u32 = SERVICES;
 

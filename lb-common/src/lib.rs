@@ -17,7 +17,8 @@ pub mod types;
 
 pub use types::*;
 
-/// Version of the pinned map layout. Bump whenever a key, value, capacity or map set
-/// changes; an agent that finds another version replaces the maps (losing conntrack state)
-/// instead of misreading them.
+/// Version of the pinned map layout. Bump whenever a key, value or capacity of an existing
+/// map changes; an agent that finds another version replaces the maps (losing conntrack
+/// state) instead of misreading them. A map that is added needs no bump: its pin is created
+/// beside the others, so an upgrade keeps established connections.
 pub const LAYOUT_VERSION: u32 = 1;

@@ -7,19 +7,23 @@ pub const MAGLEV: &str = "MAGLEV";
 pub const CONNTRACK: &str = "CONNTRACK";
 pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const NODE_ADDRESSES: &str = "NODE_ADDRS";
+pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+pub const AFFINITY: &str = "AFFINITY";
 pub const CONFIG: &str = "CONFIG";
 pub const SERVICE_STATS: &str = "SVC_STATS";
 pub const VERDICT_STATS: &str = "VERDICT_STATS";
 pub const DROP_STATS: &str = "DROP_STATS";
 
 /// Every map the programs declare, in the order `lb reset` and layout checks walk them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 12] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
     CONNTRACK,
     FRAGMENTS,
     NODE_ADDRESSES,
+    SOURCE_RANGES,
+    AFFINITY,
     CONFIG,
     SERVICE_STATS,
     VERDICT_STATS,

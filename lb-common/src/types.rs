@@ -37,6 +37,11 @@ pub mod service_flags {
     pub const ADDRESS_ONLY: u16 = 1 << 1;
     /// sessionAffinity ClientIP; `affinity_timeout` holds the timeout in seconds.
     pub const AFFINITY: u16 = 1 << 2;
+    /// The selection is made of serving, terminating endpoints because none is ready
+    /// (kube-proxy's fallback). Tells which backend states belong to the selection.
+    pub const TERMINATING_FALLBACK: u16 = 1 << 3;
+    /// loadBalancerSourceRanges: only sources in SOURCE_RANGES under this service id pass.
+    pub const SOURCE_RANGES: u16 = 1 << 4;
 }
 
 /// States of a backend. Only the agent decides which backends enter a Maglev table; the
@@ -278,6 +283,51 @@ pub struct FragValue {
     pub new_dst: u32,
 }
 
+/// The data of a SOURCE_RANGES trie key. The trie's prefix length is 32 plus the CIDR's,
+/// so the service id always matches whole and the address by the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    /// The range's network address, as on the wire.
+    pub addr: u32,
+}
+
+impl SourceRangeKey {
+    /// The trie prefix length that matches a CIDR of `cidr_len` bits.
+    pub const fn prefix_len(cidr_len: u8) -> u32 {
+        32 + cidr_len as u32
+    }
+}
+
+/// AFFINITY key: one client of one service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client: u32,
+}
+
+/// The backend a client was last sent to and when (`bpf_ktime_get_ns` of its last new
+/// connection, as kube-proxy's `recent` match counts from the last connection).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    _pad: u32,
+    pub last_used_ns: u64,
+}
+
+impl AffinityValue {
+    pub const fn new(backend_id: u32, last_used_ns: u64) -> Self {
+        Self {
+            backend_id,
+            _pad: 0,
+            last_used_ns,
+        }
+    }
+}
+
 /// Agent-written settings, the single entry of the CONFIG array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -335,6 +385,9 @@ const _: () = {
     assert!(size_of::<CtValue>() == 32);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragValue>() == 8);
+    assert!(size_of::<SourceRangeKey>() == 8);
+    assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<Config>() == 32);
     assert!(size_of::<Counter>() == 16);
 };
@@ -350,6 +403,9 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counter {}
 }

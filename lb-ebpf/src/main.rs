@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod conntrack;
 mod csum;
 mod fragments;
@@ -13,6 +14,7 @@ mod parse;
 mod reject;
 mod select;
 mod service;
+mod source_range;
 mod stats;
 
 use aya_ebpf::{

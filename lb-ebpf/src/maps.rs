@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    capacity, stats, BackendValue, Config, Counter, CtKey, CtValue, FragKey, FragValue, ServiceKey,
-    ServiceValue,
+    capacity, stats, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
+    FragKey, FragValue, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 #[map]
@@ -22,6 +22,11 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
 #[map]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(capacity::NODE_ADDRESSES, 0);
+#[map]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(capacity::AFFINITY, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]

@@ -57,7 +57,7 @@ fn fmix(mut h: u32) -> u32 {
 
 #[inline(always)]
 fn flow_hash(flow: &Flow) -> u32 {
-    let mut h = fmix(flow.src ^ 0x9e37_79b9);
+    let mut h = client_hash(flow);
     h = fmix(h ^ flow.dst);
     h = fmix(h ^ ((flow.sport as u32) << 16 | flow.dport as u32));
     fmix(h ^ flow.proto as u32)
@@ -70,13 +70,25 @@ pub struct Choice {
     pub port: u16,
 }
 
+/// Under session affinity only the client address counts, so that a client's connections
+/// agree on a backend on every node, even before (or without) an affinity entry.
+#[inline(always)]
+fn client_hash(flow: &Flow) -> u32 {
+    fmix(flow.src ^ 0x9e37_79b9)
+}
+
 /// The backend for a new flow, or the drop reason when the table cannot name one.
 #[inline(always)]
 pub fn select(flow: &Flow, svc: &ServiceValue) -> Result<Choice, u32> {
     if svc.maglev_len == 0 {
         return Err(drop_reason::BAD_MAGLEV_RANGE);
     }
-    let slot = svc.maglev_offset as u64 + (flow_hash(flow) % svc.maglev_len) as u64;
+    let hash = if svc.flags & service_flags::AFFINITY != 0 {
+        client_hash(flow)
+    } else {
+        flow_hash(flow)
+    };
+    let slot = svc.maglev_offset as u64 + (hash % svc.maglev_len) as u64;
     if slot >= capacity::MAGLEV as u64 {
         return Err(drop_reason::BAD_MAGLEV_RANGE);
     }

@@ -1,12 +1,14 @@
-//! Where a packet addressed to a frontend goes: an existing flow keeps its backend, a new
-//! one gets the Maglev choice, a service without backends rejects or drops.
+//! Where a packet addressed to a frontend goes: a source outside the service's ranges is
+//! dropped, an existing flow keeps its backend, a new one goes to its client's affine
+//! backend or gets the Maglev choice, a service without backends rejects or drops.
 
 use lb_common::{scope, service_flags, stats::drop_reason};
 
 use crate::{
-    conntrack,
+    affinity, conntrack,
     parse::Flow,
     select::{frontend, known_cluster_ip, select},
+    source_range,
 };
 
 pub enum Forward {
@@ -40,6 +42,14 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
             return Forward::Pass;
         }
     };
+    // Every packet, not only new flows: a range removed cuts its established flows, as
+    // a firewall does.
+    if svc.flags & service_flags::SOURCE_RANGES != 0 && !source_range::allowed(svc.id, flow.src) {
+        return Forward::Drop {
+            service: svc.id,
+            reason: drop_reason::SOURCE_RANGE,
+        };
+    }
     let now = conntrack::now();
     if let Some((addr, port)) = conntrack::forward(flow, svc.id, now) {
         return Forward::Dnat {
@@ -57,18 +67,31 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
         }
         return Forward::Reject { service: svc.id };
     }
-    match select(flow, &svc) {
-        Ok(backend) => {
-            conntrack::create(flow, svc.id, &backend, now);
-            Forward::Dnat {
-                addr: backend.addr,
-                port: backend.port,
-                service: svc.id,
+    let affine = svc.flags & service_flags::AFFINITY != 0;
+    let bound = if affine {
+        affinity::lookup(flow, &svc, now)
+    } else {
+        None
+    };
+    let backend = match bound {
+        Some(b) => b,
+        None => match select(flow, &svc) {
+            Ok(b) => b,
+            Err(reason) => {
+                return Forward::Drop {
+                    service: svc.id,
+                    reason,
+                }
             }
-        }
-        Err(reason) => Forward::Drop {
-            service: svc.id,
-            reason,
         },
+    };
+    if affine {
+        affinity::remember(flow, &svc, &backend, now);
+    }
+    conntrack::create(flow, svc.id, &backend, now);
+    Forward::Dnat {
+        addr: backend.addr,
+        port: backend.port,
+        service: svc.id,
     }
 }

@@ -53,6 +53,8 @@ pub struct DesiredFrontend {
     pub kind: u8,
     /// Local traffic policy: no selected backend means drop, not reject.
     pub local_policy: bool,
+    /// Only sources inside the service's `source_ranges` may use this frontend.
+    pub filter_sources: bool,
     /// Indices into the service's `backends` that new flows are spread over, in order.
     pub selection: Vec<usize>,
 }
@@ -64,6 +66,8 @@ pub struct DesiredService {
     pub frontends: Vec<DesiredFrontend>,
     /// sessionAffinity ClientIP timeout in seconds.
     pub affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges as (network address, prefix length), sorted.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

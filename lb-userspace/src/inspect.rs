@@ -57,6 +57,8 @@ struct FrontendRow {
     scope: &'static str,
     flags: Vec<&'static str>,
     affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges, when this frontend filters sources.
+    source_ranges: Vec<String>,
     maglev_len: u32,
     backends: Vec<BackendRow>,
 }
@@ -65,6 +67,7 @@ pub fn services(dir: &Path, output: Output) -> anyhow::Result<()> {
     ensure(dir)?;
     let store = AyaMaps::open_pinned(dir)?;
     let backends = store.backends()?;
+    let ranges = store.source_ranges()?;
     let mut rows = Vec::new();
     for (k, v) in store.services()? {
         if v.flags & service_flags::ADDRESS_ONLY != 0 {
@@ -84,6 +87,18 @@ pub fn services(dir: &Path, output: Output) -> anyhow::Result<()> {
         }
         if v.flags & service_flags::AFFINITY != 0 {
             flags.push("affinity");
+        }
+        if v.flags & service_flags::TERMINATING_FALLBACK != 0 {
+            flags.push("terminating-fallback");
+        }
+        let mut source_ranges = Vec::new();
+        if v.flags & service_flags::SOURCE_RANGES != 0 {
+            flags.push("source-ranges");
+            source_ranges = ranges
+                .iter()
+                .filter(|r| r.service_id == v.id)
+                .map(|r| format!("{}/{}", ip(r.addr), r.prefix_len))
+                .collect();
         }
         let mut bs: Vec<BackendRow> = backends
             .iter()
@@ -124,6 +139,7 @@ pub fn services(dir: &Path, output: Output) -> anyhow::Result<()> {
             flags,
             affinity_timeout: (v.flags & service_flags::AFFINITY != 0)
                 .then_some(v.affinity_timeout),
+            source_ranges,
             maglev_len: v.maglev_len,
             backends: bs,
         });
@@ -154,11 +170,20 @@ pub fn services(dir: &Path, output: Output) -> anyhow::Result<()> {
                 s + ")"
             })
             .collect();
-        let flags = if r.flags.is_empty() {
+        let mut flags = if r.flags.is_empty() {
             "-".to_string()
         } else {
             r.flags.join(",")
         };
+        if let Some(t) = r.affinity_timeout {
+            flags = flags.replace("affinity", &format!("affinity={t}s"));
+        }
+        if !r.source_ranges.is_empty() {
+            flags = flags.replace(
+                "source-ranges",
+                &format!("source-ranges={}", r.source_ranges.join("+")),
+            );
+        }
         let backends = if backends.is_empty() {
             "(none)".to_string()
         } else {

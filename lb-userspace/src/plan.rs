@@ -17,6 +17,9 @@ use crate::{
 };
 
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Read when spec.loadBalancerSourceRanges is empty, as Kubernetes' service helper (used
+/// by cloud load balancers) does.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 pub struct Plan {
@@ -114,6 +117,7 @@ fn plan_service(
             }
         }
     }
+    let source_ranges = source_ranges(r, svc, &external_addrs, node, warnings);
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
@@ -150,12 +154,15 @@ fn plan_service(
             } else {
                 cluster.clone()
             };
+            // kube-proxy filters LB IPs only, and for every client, pods included.
+            let filter_sources = kind == kind::LOAD_BALANCER && !source_ranges.is_empty();
             frontends.push(DesiredFrontend {
                 addr,
                 port,
                 scope,
                 kind,
                 local_policy,
+                filter_sources,
                 selection,
             });
         };
@@ -204,12 +211,97 @@ fn plan_service(
                 backends,
                 frontends,
                 affinity_timeout,
+                source_ranges: source_ranges.clone(),
             },
         );
     }
     if let (Some(ip), true) = (cluster_ip, any_port) {
         out.cluster_ips.insert(ip);
     }
+}
+
+/// The IPv4 loadBalancerSourceRanges of a LoadBalancer service, normalised to network
+/// addresses. The annotation counts only when the field is empty; as in kube-proxy, ranges
+/// of the other family are ignored, and when a range holds a node address the LB IPs
+/// themselves are allowed too (a node reaching its own VIP arrives from the VIP).
+fn source_ranges(
+    r: &ObjectRef,
+    svc: &Service,
+    external_addrs: &[(Ipv4Addr, u8)],
+    node: &NodeContext,
+    warnings: &mut Vec<String>,
+) -> Vec<(Ipv4Addr, u8)> {
+    let Some(spec) = &svc.spec else {
+        return Vec::new();
+    };
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return Vec::new();
+    }
+    let from_spec: Vec<String> = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let given = if from_spec.is_empty() {
+        svc.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    } else {
+        from_spec
+    };
+    let mut ranges = Vec::new();
+    for text in given.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+        match parse_cidr(text) {
+            Ok(Some(range)) => ranges.push(range),
+            Ok(None) => tracing::debug!(service = %r, range = text, "skipping IPv6 source range"),
+            Err(e) => warnings.push(format!(
+                "service {r}: loadBalancerSourceRanges entry {text:?} skipped: {e}"
+            )),
+        }
+    }
+    let holds_node = ranges
+        .iter()
+        .any(|&(net, len)| node.node_addresses.iter().any(|a| network(*a, len) == net));
+    if holds_node {
+        for &(ip, k) in external_addrs {
+            if k == kind::LOAD_BALANCER {
+                ranges.push((ip, 32));
+            }
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    ranges
+}
+
+fn network(addr: Ipv4Addr, len: u8) -> Ipv4Addr {
+    let mask = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
+    Ipv4Addr::from(u32::from(addr) & mask)
+}
+
+/// An IPv4 CIDR as (network address, length), host bits cleared as kube-proxy's sloppy
+/// parser does; `None` for an IPv6 CIDR.
+fn parse_cidr(text: &str) -> Result<Option<(Ipv4Addr, u8)>, String> {
+    let (ip, len) = text
+        .split_once('/')
+        .ok_or_else(|| "not a CIDR (address/length)".to_string())?;
+    if ip.contains(':') {
+        return ip
+            .parse::<std::net::Ipv6Addr>()
+            .map(|_| None)
+            .map_err(|e| format!("address: {e}"));
+    }
+    let ip: Ipv4Addr = ip.parse().map_err(|e| format!("address: {e}"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| format!("prefix length {len:?} is not 0 to 32"))?;
+    Ok(Some((network(ip, len), len)))
 }
 
 /// An endpoint with the conditions the selection rules look at.

@@ -1283,3 +1283,7 @@ fn tcp_fin_moves_the_flow_to_closing() {
         .unwrap();
     assert_eq!(rev.tcp_state, tcp_state::CLOSING);
 }
+
+// The service rules beyond plain translation: source ranges and session affinity.
+#[path = "fixtures/rules.rs"]
+mod rules;

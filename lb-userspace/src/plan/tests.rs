@@ -247,3 +247,99 @@ fn session_affinity_default_timeout() {
     )));
     assert_eq!(only(&p).affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
 }
+
+#[test]
+fn session_affinity_timeout_from_the_config() {
+    let p = plan_yaml(&service(&format!(
+        "  clusterIP: 10.96.0.1\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}\n{PORTS}"
+    )));
+    assert_eq!(only(&p).affinity_timeout, Some(60));
+    let p = plan_yaml(&service(&format!("  clusterIP: 10.96.0.1\n{PORTS}")));
+    assert_eq!(only(&p).affinity_timeout, None, "sessionAffinity None");
+}
+
+/// A LoadBalancer service with one ingress IP; `extra` goes into its spec, `meta` into
+/// its metadata.
+fn load_balancer(extra: &str, meta: &str) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns{meta}}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.1\n{extra}{PORTS}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 203.0.113.1}}]\n")
+}
+
+#[test]
+fn source_ranges_filter_load_balancer_ips_only() {
+    let p = plan_yaml(&load_balancer(
+        "  loadBalancerSourceRanges: [198.51.100.0/24, ' 10.1.2.3/8 ', '2001:db8::/32']\n",
+        "",
+    ));
+    let s = only(&p);
+    assert_eq!(
+        s.source_ranges,
+        vec![
+            (Ipv4Addr::new(10, 0, 0, 0), 8),
+            (Ipv4Addr::new(198, 51, 100, 0), 24)
+        ],
+        "host bits cleared, IPv6 ignored"
+    );
+    for f in &s.frontends {
+        assert_eq!(f.filter_sources, f.kind == k::LOAD_BALANCER, "{f:?}");
+    }
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn source_ranges_come_from_the_annotation_when_the_field_is_empty() {
+    let meta =
+        format!(", annotations: {{{SOURCE_RANGES_ANNOTATION}: '198.51.100.0/24, 192.0.2.128/25'}}");
+    let p = plan_yaml(&load_balancer("", &meta));
+    assert_eq!(
+        only(&p).source_ranges,
+        vec![
+            (Ipv4Addr::new(192, 0, 2, 128), 25),
+            (Ipv4Addr::new(198, 51, 100, 0), 24)
+        ]
+    );
+    let p = plan_yaml(&load_balancer(
+        "  loadBalancerSourceRanges: [10.0.0.0/8]\n",
+        &meta,
+    ));
+    assert_eq!(
+        only(&p).source_ranges,
+        vec![(Ipv4Addr::new(10, 0, 0, 0), 8)],
+        "the field wins"
+    );
+}
+
+#[test]
+fn a_bad_source_range_is_reported_and_skipped() {
+    let p = plan_yaml(&load_balancer(
+        "  loadBalancerSourceRanges: [198.51.100.0/24, 10.0.0.0/33, not-a-cidr]\n",
+        "",
+    ));
+    assert_eq!(
+        only(&p).source_ranges,
+        vec![(Ipv4Addr::new(198, 51, 100, 0), 24)]
+    );
+    assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+}
+
+#[test]
+fn a_range_holding_the_node_allows_the_lb_ips_themselves() {
+    let p = plan_yaml(&load_balancer(
+        "  loadBalancerSourceRanges: [192.0.2.0/24]\n",
+        "",
+    ));
+    assert_eq!(
+        only(&p).source_ranges,
+        vec![
+            (Ipv4Addr::new(192, 0, 2, 0), 24),
+            (Ipv4Addr::new(203, 0, 113, 1), 32)
+        ]
+    );
+}
+
+#[test]
+fn without_ranges_nothing_is_filtered() {
+    let p = plan_yaml(&load_balancer("", ""));
+    let s = only(&p);
+    assert!(s.source_ranges.is_empty());
+    assert!(s.frontends.iter().all(|f| !f.filter_sources));
+}

@@ -3,10 +3,13 @@
 use std::path::Path;
 
 use anyhow::Context;
-use aya::maps::{Array, HashMap, Map, MapData, MapError as AyaMapError};
-use lb_common::{maps, BackendValue, Config, ServiceKey, ServiceValue};
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    Array, HashMap, Map, MapData, MapError as AyaMapError,
+};
+use lb_common::{maps, BackendValue, Config, ServiceKey, ServiceValue, SourceRangeKey};
 
-use super::{MapError, MapStore};
+use super::{MapError, MapStore, SourceRange};
 
 pub struct AyaMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -14,6 +17,7 @@ pub struct AyaMaps {
     maglev: Array<MapData, u32>,
     node_addresses: HashMap<MapData, u32, u32>,
     config: Array<MapData, Config>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
 /// Reads one of our maps from its pin.
@@ -49,6 +53,7 @@ impl AyaMaps {
             maglev: take(maps::MAGLEV)?.try_into()?,
             node_addresses: take(maps::NODE_ADDRESSES)?.try_into()?,
             config: take(maps::CONFIG)?.try_into()?,
+            source_ranges: take(maps::SOURCE_RANGES)?.try_into()?,
         })
     }
 
@@ -60,8 +65,19 @@ impl AyaMaps {
             maglev: open_pin(dir, maps::MAGLEV)?.try_into()?,
             node_addresses: open_pin(dir, maps::NODE_ADDRESSES)?.try_into()?,
             config: open_pin(dir, maps::CONFIG)?.try_into()?,
+            source_ranges: open_pin(dir, maps::SOURCE_RANGES)?.try_into()?,
         })
     }
+}
+
+fn trie_key(r: &SourceRange) -> Key<SourceRangeKey> {
+    Key::new(
+        SourceRangeKey::prefix_len(r.prefix_len),
+        SourceRangeKey {
+            service_id: r.service_id,
+            addr: r.addr,
+        },
+    )
 }
 
 impl MapStore for AyaMaps {
@@ -91,6 +107,20 @@ impl MapStore for AyaMaps {
     fn config(&self) -> Result<Option<Config>, MapError> {
         let c = self.config.get(&0, 0).map_err(|e| err(maps::CONFIG, e))?;
         Ok((c.layout_version != 0).then_some(c))
+    }
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, MapError> {
+        self.source_ranges
+            .keys()
+            .map(|k| {
+                let k = k.map_err(|e| err(maps::SOURCE_RANGES, e))?;
+                let data = k.data();
+                Ok(SourceRange {
+                    service_id: data.service_id,
+                    addr: data.addr,
+                    prefix_len: k.prefix_len().saturating_sub(32) as u8,
+                })
+            })
+            .collect()
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
         self.services
@@ -137,5 +167,16 @@ impl MapStore for AyaMaps {
         self.config
             .set(0, config, 0)
             .map_err(|e| err(maps::CONFIG, e))
+    }
+    fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
+        self.source_ranges
+            .insert(&trie_key(&range), 1, 0)
+            .map_err(|e| err(maps::SOURCE_RANGES, e))
+    }
+    fn delete_source_range(&mut self, range: &SourceRange) -> Result<(), MapError> {
+        match self.source_ranges.remove(&trie_key(range)) {
+            Ok(()) | Err(AyaMapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(maps::SOURCE_RANGES, e)),
+        }
     }
 }

@@ -1,10 +1,10 @@
 //! An in-memory map store with capacities and an operation log, for tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{capacity, maps, BackendValue, Config, ServiceKey, ServiceValue};
 
-use super::{MapError, MapStore};
+use super::{MapError, MapStore, SourceRange};
 
 #[derive(Debug, Clone)]
 pub struct MemoryMaps {
@@ -13,7 +13,9 @@ pub struct MemoryMaps {
     pub maglev: Vec<u32>,
     pub node_addresses: Vec<u32>,
     pub config: Option<Config>,
+    pub source_ranges: BTreeSet<SourceRange>,
     pub service_capacity: usize,
+    pub source_range_capacity: usize,
     /// Every write in order: ("put_service", ...), for checking the order of changes.
     pub log: Vec<String>,
 }
@@ -32,7 +34,9 @@ impl MemoryMaps {
             maglev: vec![0; maglev],
             node_addresses: Vec::new(),
             config: None,
+            source_ranges: BTreeSet::new(),
             service_capacity: services,
+            source_range_capacity: capacity::SOURCE_RANGES as usize,
             log: Vec::new(),
         }
     }
@@ -57,6 +61,9 @@ impl MapStore for MemoryMaps {
     }
     fn config(&self) -> Result<Option<Config>, MapError> {
         Ok(self.config)
+    }
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, MapError> {
+        Ok(self.source_ranges.iter().copied().collect())
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
         if !self.services.contains_key(&key) && self.services.len() >= self.service_capacity {
@@ -106,6 +113,23 @@ impl MapStore for MemoryMaps {
     }
     fn put_config(&mut self, config: Config) -> Result<(), MapError> {
         self.config = Some(config);
+        Ok(())
+    }
+    fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
+        if !self.source_ranges.contains(&range)
+            && self.source_ranges.len() >= self.source_range_capacity
+        {
+            return Err(MapError::Full(maps::SOURCE_RANGES));
+        }
+        self.log
+            .push(format!("put_source_range {}", range.service_id));
+        self.source_ranges.insert(range);
+        Ok(())
+    }
+    fn delete_source_range(&mut self, range: &SourceRange) -> Result<(), MapError> {
+        self.log
+            .push(format!("delete_source_range {}", range.service_id));
+        self.source_ranges.remove(range);
         Ok(())
     }
 }

@@ -25,6 +25,15 @@ pub enum MapError {
     Other(String),
 }
 
+/// One loadBalancerSourceRanges CIDR of one service port, as SOURCE_RANGES holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub service_id: u32,
+    /// Network address, as on the wire.
+    pub addr: u32,
+    pub prefix_len: u8,
+}
+
 /// The maps sync reads and writes; an aya implementation over the pinned maps and an
 /// in-memory one for tests.
 pub trait MapStore {
@@ -33,6 +42,7 @@ pub trait MapStore {
     fn node_addresses(&self) -> Result<Vec<u32>, MapError>;
     fn maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError>;
     fn config(&self) -> Result<Option<Config>, MapError>;
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, MapError>;
 
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError>;
@@ -42,4 +52,6 @@ pub trait MapStore {
     fn put_node_address(&mut self, addr: u32) -> Result<(), MapError>;
     fn delete_node_address(&mut self, addr: u32) -> Result<(), MapError>;
     fn put_config(&mut self, config: Config) -> Result<(), MapError>;
+    fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
+    fn delete_source_range(&mut self, range: &SourceRange) -> Result<(), MapError>;
 }

@@ -7,10 +7,11 @@ use std::{
 };
 
 use lb_common::{
-    addr, capacity, maps, scope, service_flags, BackendValue, Config, ServiceKey, ServiceValue,
+    addr, backend_state, capacity, maps, scope, service_flags, BackendValue, Config, ServiceKey,
+    ServiceValue,
 };
 
-use super::{maglev_alloc::RangeAllocator, MapError, MapStore};
+use super::{maglev_alloc::RangeAllocator, MapError, MapStore, SourceRange};
 use crate::{
     desired::{DesiredMaps, DesiredService, ServicePortId},
     maglev,
@@ -52,6 +53,7 @@ pub struct Syncer<S: MapStore> {
     services: BTreeMap<ServiceKey, ServiceValue>,
     backends: BTreeMap<u32, BackendValue>,
     node_addresses: BTreeSet<u32>,
+    source_ranges: BTreeSet<SourceRange>,
     service_ids: BTreeMap<ServicePortId, u32>,
     backend_ids: BTreeMap<BackendKey, u32>,
     ranges: BTreeMap<u32, Range>,
@@ -66,6 +68,7 @@ impl<S: MapStore> Syncer<S> {
         let services: BTreeMap<_, _> = store.services()?.into_iter().collect();
         let backends: BTreeMap<_, _> = store.backends()?.into_iter().collect();
         let node_addresses = store.node_addresses()?.into_iter().collect();
+        let source_ranges = store.source_ranges()?.into_iter().collect();
         let mut ranges = BTreeMap::new();
         for v in services.values() {
             if v.maglev_len > 0 && !ranges.contains_key(&v.maglev_offset) {
@@ -92,6 +95,7 @@ impl<S: MapStore> Syncer<S> {
             services,
             backends,
             node_addresses,
+            source_ranges,
             service_ids: BTreeMap::new(),
             backend_ids,
             ranges,
@@ -118,6 +122,7 @@ impl<S: MapStore> Syncer<S> {
         self.assign_service_ids(desired);
         let mut want_services: BTreeMap<ServiceKey, ServiceValue> = BTreeMap::new();
         let mut want_backends: BTreeSet<u32> = BTreeSet::new();
+        let mut want_ranges: BTreeSet<SourceRange> = BTreeSet::new();
         for (id, svc) in &desired.services {
             let Some(&sid) = self.service_ids.get(id) else {
                 report.fail(
@@ -132,6 +137,24 @@ impl<S: MapStore> Syncer<S> {
             };
             want_backends.extend(ids.iter().copied());
             self.sync_frontends(sid, id, svc, &ids, &mut want_services, &mut report);
+            if svc.frontends.iter().any(|f| f.filter_sources) {
+                want_ranges.extend(svc.source_ranges.iter().map(|(a, len)| SourceRange {
+                    service_id: sid,
+                    addr: addr::ipv4(a.octets()),
+                    prefix_len: *len,
+                }));
+            }
+        }
+        // Ranges before the frontends that check them: a frontend never filters against a
+        // range set that is still being written.
+        for r in want_ranges.difference(&self.source_ranges.clone()) {
+            match self.store.put_source_range(*r) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.source_ranges.insert(*r);
+                }
+                Err(e) => report.fail("source range", e),
+            }
         }
         for ip in &desired.cluster_ips {
             let key = ServiceKey::new(addr::ipv4(ip.octets()), 0, 0, scope::INTERNAL);
@@ -181,6 +204,15 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         self.release_unused_ranges();
+        for r in self.source_ranges.clone().difference(&want_ranges) {
+            match self.store.delete_source_range(r) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    self.source_ranges.remove(r);
+                }
+                Err(e) => report.fail("delete source range", e),
+            }
+        }
         let stale: Vec<u32> = self
             .backends
             .keys()
@@ -325,6 +357,17 @@ impl<S: MapStore> Syncer<S> {
             let mut flags = 0;
             if f.local_policy {
                 flags |= service_flags::LOCAL_POLICY;
+            }
+            if f.filter_sources {
+                flags |= service_flags::SOURCE_RANGES;
+            }
+            // The plan picks terminating endpoints only when no endpoint is ready.
+            let fallback = !f.selection.is_empty()
+                && f.selection
+                    .iter()
+                    .all(|&i| svc.backends[i].state == backend_state::TERMINATING);
+            if fallback {
+                flags |= service_flags::TERMINATING_FALLBACK;
             }
             let affinity = svc.affinity_timeout.unwrap_or(0);
             if svc.affinity_timeout.is_some() {

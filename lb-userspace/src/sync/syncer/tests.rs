@@ -32,6 +32,7 @@ fn desired(services: &[(&str, u8, &[u8])]) -> DesiredMaps {
             scope: scope::INTERNAL,
             kind: kind::CLUSTER_IP,
             local_policy: false,
+            filter_sources: false,
             selection: (0..backends.len()).collect(),
         }];
         d.services.insert(
@@ -40,6 +41,7 @@ fn desired(services: &[(&str, u8, &[u8])]) -> DesiredMaps {
                 backends,
                 frontends,
                 affinity_timeout: None,
+                source_ranges: Vec::new(),
             },
         );
         d.cluster_ips.insert(Ipv4Addr::new(10, 96, 0, *ip_last));
@@ -163,4 +165,94 @@ fn recover_writes_the_configured_lifetimes() {
     let shorter = Config::new(3600, 30, 5, 20, 20);
     let again = Syncer::recover(s.store().clone(), shorter).unwrap();
     assert_eq!(again.store().config, Some(shorter));
+}
+
+/// Service "a" with the given source ranges on its (single) frontend.
+fn filtered(ranges: &[(Ipv4Addr, u8)]) -> DesiredMaps {
+    let mut d = desired(&[("a", 1, &[1])]);
+    let svc = d.services.get_mut(&id("a")).unwrap();
+    svc.source_ranges = ranges.to_vec();
+    svc.frontends[0].filter_sources = !ranges.is_empty();
+    d
+}
+
+fn log_position(s: &Syncer<MemoryMaps>, prefix: &str) -> usize {
+    let log = &s.store().log;
+    log.iter()
+        .rposition(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {log:?}"))
+}
+
+#[test]
+fn source_ranges_are_written_before_the_flag_and_deleted_after_it() {
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    s.apply(&desired(&[("a", 1, &[1])]));
+    let r = s.apply(&filtered(&[
+        (Ipv4Addr::new(198, 51, 100, 0), 24),
+        (Ipv4Addr::new(203, 0, 113, 7), 32),
+    ]));
+    assert!(r.errors.is_empty(), "{r:?}");
+    let e = entry(&s, 1);
+    assert_ne!(e.flags & service_flags::SOURCE_RANGES, 0);
+    let ranges: Vec<_> = s.store().source_ranges.iter().copied().collect();
+    assert_eq!(
+        ranges,
+        vec![
+            SourceRange {
+                service_id: e.id,
+                addr: addr::ipv4([198, 51, 100, 0]),
+                prefix_len: 24
+            },
+            SourceRange {
+                service_id: e.id,
+                addr: addr::ipv4([203, 0, 113, 7]),
+                prefix_len: 32
+            },
+        ]
+    );
+    assert!(log_position(&s, "put_source_range") < log_position(&s, "put_service"));
+
+    s.apply(&filtered(&[]));
+    assert_eq!(entry(&s, 1).flags & service_flags::SOURCE_RANGES, 0);
+    assert!(s.store().source_ranges.is_empty());
+    assert!(log_position(&s, "put_service") < log_position(&s, "delete_source_range"));
+}
+
+#[test]
+fn a_full_source_range_map_is_reported() {
+    let maps = MemoryMaps {
+        source_range_capacity: 1,
+        ..Default::default()
+    };
+    let mut s = Syncer::recover(maps, Config::default()).unwrap();
+    let r = s.apply(&filtered(&[
+        (Ipv4Addr::new(198, 51, 100, 0), 24),
+        (Ipv4Addr::new(203, 0, 113, 0), 24),
+    ]));
+    assert_eq!(r.map_full, 1, "{r:?}");
+    assert_eq!(s.store().source_ranges.len(), 1);
+}
+
+#[test]
+fn restart_recovers_source_ranges_without_writes() {
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    let d = filtered(&[(Ipv4Addr::new(198, 51, 100, 0), 24)]);
+    s.apply(&d);
+    let mut again = Syncer::recover(s.store().clone(), Config::default()).unwrap();
+    let r = again.apply(&d);
+    assert_eq!((r.writes, r.deletes), (0, 0), "{r:?}");
+}
+
+#[test]
+fn a_selection_of_terminating_endpoints_is_marked_as_the_fallback() {
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    let mut d = desired(&[("a", 1, &[1, 2])]);
+    s.apply(&d);
+    assert_eq!(entry(&s, 1).flags & service_flags::TERMINATING_FALLBACK, 0);
+    let svc = d.services.get_mut(&id("a")).unwrap();
+    for b in &mut svc.backends {
+        b.state = backend_state::TERMINATING;
+    }
+    s.apply(&d);
+    assert_ne!(entry(&s, 1).flags & service_flags::TERMINATING_FALLBACK, 0);
 }
