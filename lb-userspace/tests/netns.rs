@@ -3,6 +3,7 @@
 //! Needs root and the eBPF object: run through `cargo xtask test`.
 
 use std::{
+    cell::RefCell,
     collections::BTreeSet,
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr},
@@ -116,6 +117,8 @@ endpoints:
 struct Setup {
     cluster: Cluster,
     file: PathBuf,
+    /// The echo service's endpoints and the YAML of further objects, as last written.
+    written: RefCell<(Vec<(usize, Condition)>, String)>,
 }
 
 impl Drop for Setup {
@@ -132,7 +135,12 @@ fn setup(pods: &[&str], backends: usize) -> Setup {
     let eps: Vec<usize> = (0..backends).collect();
     std::fs::write(&file, manifest(&cluster, &eps)).unwrap();
     cluster.start_agent(&file).expect("agent");
-    Setup { cluster, file }
+    let written = RefCell::new((eps.iter().map(|&i| (i, Ready)).collect(), String::new()));
+    Setup {
+        cluster,
+        file,
+        written,
+    }
 }
 
 /// Rewrites the manifest in place (truncate and write, as editors and scripts do) and
@@ -143,11 +151,59 @@ fn rewrite(s: &Setup, endpoints: &[usize]) {
 }
 
 fn rewrite_with(s: &Setup, endpoints: &[(usize, Condition)]) {
+    s.written.borrow_mut().0 = endpoints.to_vec();
+    write_manifest(s);
+}
+
+/// Adds (or replaces) objects after the echo service's.
+fn rewrite_extra(s: &Setup, yaml: String) {
+    s.written.borrow_mut().1 = yaml;
+    write_manifest(s);
+}
+
+fn write_manifest(s: &Setup) {
     let before = s.cluster.synced_count();
-    std::fs::write(&s.file, manifest_with(&s.cluster, endpoints)).unwrap();
+    let (endpoints, extra) = &*s.written.borrow();
+    let text = manifest_with(&s.cluster, endpoints) + extra;
+    std::fs::write(&s.file, text).unwrap();
     s.cluster
         .wait_synced(before + 1)
         .expect("agent applied the change");
+}
+
+/// A TCP service `name` on port 80 (to the pods' 8080) of the given `type_` with `spec`
+/// lines added, whose endpoints are the given pods.
+fn extra_service(s: &Setup, name: &str, spec: &str, status: &str, pods: &[usize]) -> String {
+    let eps: String = pods
+        .iter()
+        .map(|&i| {
+            format!(
+                "- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
+                s.cluster.pods[i].ip
+            )
+        })
+        .collect();
+    format!(
+        r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo}}
+spec:
+{spec}
+{status}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-abc
+  namespace: demo
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+endpoints:
+{eps}"#
+    )
 }
 
 fn from_client<T: Send + 'static>(s: &Setup, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -505,4 +561,98 @@ fn a_terminating_endpoint_finishes_its_connections_and_is_the_last_resort() {
     rewrite_with(&s, &[(leaving, Terminating)]);
     assert_eq!(answers(&s, to, 4), BTreeSet::from([first.clone()]));
     drop(sess);
+}
+
+const STICKY_NODE_PORT: u16 = 30090;
+const GUARDED_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+const GUARDED_NODE_PORT: u16 = 30091;
+
+/// The pods that answered `n` new connections.
+fn who_answers(s: &Setup, to: SocketAddr, n: usize) -> Vec<String> {
+    from_client(s, move || {
+        (0..n)
+            .map(|_| tcp_request(to).expect("request through the service"))
+            .collect()
+    })
+}
+
+fn one_pod(answers: &[String]) -> String {
+    let set: BTreeSet<&String> = answers.iter().collect();
+    assert_eq!(
+        set.len(),
+        1,
+        "one backend for every connection: {answers:?}"
+    );
+    answers[0].clone()
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn session_affinity_keeps_a_client_on_one_pod_until_it_leaves_or_times_out() {
+    let s = setup(&["pod-a", "pod-b", "pod-c"], 0);
+    let sticky = |pods: &[usize]| {
+        extra_service(
+            &s,
+            "sticky",
+            &format!("  type: NodePort\n  clusterIP: 10.96.0.40\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 5}}}}\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {STICKY_NODE_PORT}}}]"),
+            "",
+            pods,
+        )
+    };
+    rewrite_extra(&s, sticky(&[0, 1, 2]));
+    let services = s.cluster.lb("services", &[]).unwrap();
+    assert!(services.contains("affinity=5s"), "{services}");
+    let to = SocketAddr::from((NODE_IP, STICKY_NODE_PORT));
+    // Without affinity 12 connections over 3 pods all on one would be a 1 in 3^11 chance.
+    let first = one_pod(&who_answers(&s, to, 12));
+    let first_i = s.cluster.pods.iter().position(|p| p.name == first).unwrap();
+
+    // Its pod leaves: the client moves, and stays where it moved.
+    let rest: Vec<usize> = (0..3).filter(|&i| i != first_i).collect();
+    rewrite_extra(&s, sticky(&rest));
+    let moved = one_pod(&who_answers(&s, to, 8));
+    assert_ne!(moved, first);
+
+    // The pod comes back. The hash of the client would pick it again; the affinity entry
+    // keeps the client where it is.
+    rewrite_extra(&s, sticky(&[0, 1, 2]));
+    assert_eq!(one_pod(&who_answers(&s, to, 8)), moved);
+
+    // Once the timeout has passed since the last connection, the binding is gone.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(one_pod(&who_answers(&s, to, 4)), first);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn source_ranges_drop_other_clients_at_the_lb_ip_only() {
+    let s = setup(&["pod-a"], 1);
+    let guarded = |ranges: &str| {
+        extra_service(
+            &s,
+            "guarded",
+            &format!("  type: LoadBalancer\n  clusterIP: 10.96.0.50\n  loadBalancerSourceRanges: [{ranges}]\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {GUARDED_NODE_PORT}}}]"),
+            &format!("status:\n  loadBalancer:\n    ingress: [{{ip: \"{GUARDED_LB_IP}\"}}]"),
+            &[0],
+        )
+    };
+    rewrite_extra(&s, guarded("198.51.100.0/24"));
+    let lb = SocketAddr::from((GUARDED_LB_IP, 80));
+    let refused = from_client(&s, move || tcp_request(lb));
+    let e = refused.expect_err("a client outside the ranges");
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "dropped, not refused: {e}");
+    let stats = s.cluster.lb("stats", &["--output", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(v["drops"]["source_range"].as_u64().unwrap() > 0, "{stats}");
+    // The same service's NodePort is not filtered, as with kube-proxy.
+    let np = SocketAddr::from((NODE_IP, GUARDED_NODE_PORT));
+    assert_eq!(answers(&s, np, 2), BTreeSet::from(["pod-a".to_string()]));
+
+    rewrite_extra(
+        &s,
+        guarded(&format!("198.51.100.0/24, {}/32", testbed::CLIENT_IP)),
+    );
+    let services = s.cluster.lb("services", &[]).unwrap();
+    assert!(services.contains("source-ranges="), "{services}");
+    assert_eq!(answers(&s, lb, 2), BTreeSet::from(["pod-a".to_string()]));
 }
