@@ -656,3 +656,72 @@ fn source_ranges_drop_other_clients_at_the_lb_ip_only() {
     assert!(services.contains("source-ranges="), "{services}");
     assert_eq!(answers(&s, lb, 2), BTreeSet::from(["pod-a".to_string()]));
 }
+
+/// A ClusterIP service "dns" on 53/TCP, 53/UDP and 80/TCP, all to the pods' 8080.
+fn dns_service(s: &Setup, pods: &[usize]) -> String {
+    let eps: String = pods
+        .iter()
+        .map(|&i| format!("- addresses: [\"{}\"]\n", s.cluster.pods[i].ip))
+        .collect();
+    let slice = if pods.is_empty() {
+        String::new()
+    } else {
+        format!(
+            r#"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns-abc
+  namespace: demo
+  labels: {{kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports:
+- {{name: dns-tcp, port: 8080, protocol: TCP}}
+- {{name: dns-udp, port: 8080, protocol: UDP}}
+- {{name: http, port: 8080, protocol: TCP}}
+endpoints:
+{eps}"#
+        )
+    };
+    format!(
+        r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: dns, namespace: demo}}
+spec:
+  clusterIP: {DNS_CLUSTER_IP}
+  ports:
+  - {{name: dns-tcp, port: 53, targetPort: 8080, protocol: TCP}}
+  - {{name: dns-udp, port: 53, targetPort: 8080, protocol: UDP}}
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
+{slice}"#
+    )
+}
+
+const DNS_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn a_cluster_ip_without_endpoints_serves_every_port_once_it_gains_some() {
+    let s = setup(&["pod-a", "client"], 0);
+    rewrite_extra(&s, dns_service(&s, &[]));
+    let ask_all = || {
+        s.cluster.pods[1]
+            .ns
+            .run(|| {
+                let tcp53 = tcp_request(SocketAddr::from((DNS_CLUSTER_IP, 53)));
+                let udp53 = udp_ask(&udp_socket(SocketAddr::from((DNS_CLUSTER_IP, 53))).unwrap());
+                let tcp80 = tcp_request(SocketAddr::from((DNS_CLUSTER_IP, 80)));
+                [tcp53, udp53, tcp80]
+            })
+            .unwrap()
+    };
+    for r in ask_all() {
+        let e = r.expect_err("no endpoints yet");
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+    }
+    rewrite_extra(&s, dns_service(&s, &[0]));
+    for (r, what) in ask_all().into_iter().zip(["53/TCP", "53/UDP", "80/TCP"]) {
+        assert_eq!(r.expect(what), "pod-a", "{what}");
+    }
+}
