@@ -16,6 +16,8 @@ pub const SOURCE_RANGES: u32 = 16_384;
 /// sessionAffinity clients, one per (service port, client address); least recently used
 /// entries make room.
 pub const AFFINITY: u32 = 65_536;
+/// Sockets translated by the socket programs, remembered for their replies' source.
+pub const SOCK_REVNAT: u32 = 65_536;
 /// Per-service counters are indexed by service id, so this is also the id space.
 pub const SERVICE_STATS: u32 = SERVICES;
 

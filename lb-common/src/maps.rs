@@ -9,13 +9,15 @@ pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const NODE_ADDRESSES: &str = "NODE_ADDRS";
 pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 pub const AFFINITY: &str = "AFFINITY";
+pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
+pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 pub const CONFIG: &str = "CONFIG";
 pub const SERVICE_STATS: &str = "SVC_STATS";
 pub const VERDICT_STATS: &str = "VERDICT_STATS";
 pub const DROP_STATS: &str = "DROP_STATS";
 
 /// Every map the programs declare, in the order `lb reset` and layout checks walk them.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 14] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -24,6 +26,8 @@ pub const ALL: [&str; 12] = [
     NODE_ADDRESSES,
     SOURCE_RANGES,
     AFFINITY,
+    SOCK_CONFIG,
+    SOCK_REVNAT,
     CONFIG,
     SERVICE_STATS,
     VERDICT_STATS,

@@ -16,6 +16,8 @@ pub mod verdict {
     pub const FRAGMENT: u32 = 5;
     /// An ICMP error quoting a translated flow, translated like the flow.
     pub const ICMP_ERROR_NAT: u32 = 6;
+    /// A socket's destination translated at connect or sendmsg (bytes are not counted).
+    pub const SOCKET: u32 = 7;
     pub const COUNT: u32 = 8;
     pub const NAMES: [&str; COUNT as usize] = [
         "pass",
@@ -25,7 +27,7 @@ pub mod verdict {
         "drop",
         "fragment",
         "icmp_error_nat",
-        "unused",
+        "socket",
     ];
 }
 

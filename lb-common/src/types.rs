@@ -328,6 +328,78 @@ impl AffinityValue {
     }
 }
 
+/// The single entry of SOCK_CONFIG: what the socket programs need to know of the node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockConfig {
+    /// The agent's network namespace; the socket programs act only for sockets in it.
+    /// Learned by the program itself (see `nonce_*`); 0 until then, and then they act for
+    /// none.
+    pub netns_cookie: u64,
+    /// A connect to this loopback address and port, made by the agent, tells the program
+    /// the agent's network namespace cookie (SO_NETNS_COOKIE is missing before 5.14).
+    pub nonce_addr: u32,
+    pub nonce_port: u16,
+    _pad: u16,
+    /// The node's address as a client: the source kube-proxy would see for the node's own
+    /// connections, for session affinity and source ranges.
+    pub node_addr: u32,
+    _pad1: u32,
+}
+
+impl SockConfig {
+    pub const fn new(netns_cookie: u64, nonce_addr: u32, nonce_port: u16, node_addr: u32) -> Self {
+        Self {
+            netns_cookie,
+            nonce_addr,
+            nonce_port,
+            _pad: 0,
+            node_addr,
+            _pad1: 0,
+        }
+    }
+}
+
+/// SOCK_REVNAT key: a backend as one socket sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    _pad: u16,
+}
+
+impl SockRevKey {
+    pub const fn new(cookie: u64, addr: u32, port: u16) -> Self {
+        Self {
+            cookie,
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// The service address a socket asked for, restored as the peer (recvmsg, getpeername).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr: u32,
+    pub port: u16,
+    _pad: u16,
+}
+
+impl SockRevValue {
+    pub const fn new(addr: u32, port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
 /// Agent-written settings, the single entry of the CONFIG array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -388,6 +460,9 @@ const _: () = {
     assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
+    assert!(size_of::<SockConfig>() == 24);
+    assert!(size_of::<SockRevKey>() == 16);
+    assert!(size_of::<SockRevValue>() == 8);
     assert!(size_of::<Config>() == 32);
     assert!(size_of::<Counter>() == 16);
 };
@@ -406,6 +481,9 @@ mod pod {
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SockConfig {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counter {}
 }

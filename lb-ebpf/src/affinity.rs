@@ -8,17 +8,16 @@ use lb_common::{
 
 use crate::{
     maps::{AFFINITY, BACKENDS},
-    parse::Flow,
     select::Choice,
 };
 
 const NS: u64 = 1_000_000_000;
 
 #[inline(always)]
-fn key_of(flow: &Flow, svc: &ServiceValue) -> AffinityKey {
+fn key_of(client: u32, svc: &ServiceValue) -> AffinityKey {
     AffinityKey {
         service_id: svc.id,
-        client: flow.src,
+        client,
     }
 }
 
@@ -37,10 +36,10 @@ fn in_selection(b: &BackendValue, svc: &ServiceValue) -> bool {
     b.service_id == svc.id && b.state == state && local_ok
 }
 
-/// The backend this client is bound to, if the binding is still good.
+/// The backend this client (address) is bound to, if the binding is still good.
 #[inline(always)]
-pub fn lookup(flow: &Flow, svc: &ServiceValue, now: u64) -> Option<Choice> {
-    let a = unsafe { AFFINITY.get(&key_of(flow, svc)) }?;
+pub fn lookup(client: u32, svc: &ServiceValue, now: u64) -> Option<Choice> {
+    let a = unsafe { AFFINITY.get(&key_of(client, svc)) }?;
     if now.saturating_sub(a.last_used_ns) > svc.affinity_timeout as u64 * NS {
         return None;
     }
@@ -58,7 +57,11 @@ pub fn lookup(flow: &Flow, svc: &ServiceValue, now: u64) -> Option<Choice> {
 
 /// Binds the client to the backend of its new connection, from now.
 #[inline(always)]
-pub fn remember(flow: &Flow, svc: &ServiceValue, backend: &Choice, now: u64) {
+pub fn remember(client: u32, svc: &ServiceValue, backend: &Choice, now: u64) {
     // An LRU map evicts instead of failing; a lost binding only costs stickiness.
-    let _ = AFFINITY.insert(&key_of(flow, svc), &AffinityValue::new(backend.id, now), 0);
+    let _ = AFFINITY.insert(
+        &key_of(client, svc),
+        &AffinityValue::new(backend.id, now),
+        0,
+    );
 }

@@ -1,5 +1,6 @@
 //! The in-kernel data path: XDP on node uplinks for traffic from outside, TC on pod
-//! interfaces for traffic from pods, TC egress for reverse NAT of replies.
+//! interfaces for traffic from pods, TC egress for reverse NAT of replies, cgroup socket
+//! hooks for the node's own processes.
 #![no_std]
 #![no_main]
 
@@ -14,6 +15,7 @@ mod parse;
 mod reject;
 mod select;
 mod service;
+mod socket_lb;
 mod source_range;
 mod stats;
 

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, stats, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
-    FragKey, FragValue, ServiceKey, ServiceValue, SourceRangeKey,
+    FragKey, FragValue, ServiceKey, ServiceValue, SockConfig, SockRevKey, SockRevValue,
+    SourceRangeKey,
 };
 
 #[map]
@@ -27,6 +28,11 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(capacity
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
+#[map]
+pub static SOCK_CONFIG: Array<SockConfig> = Array::pinned(1, 0);
+#[map]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::pinned(capacity::SOCK_REVNAT, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]

@@ -7,16 +7,29 @@ use crate::{
     parse::Flow,
 };
 
-/// The frontend entry for a destination, trying the exact address first and then the
-/// NodePort wildcard when the destination is one of this node's addresses.
+/// The frontend entry for a packet's destination, trying the exact address first and then
+/// the NodePort wildcard when the destination is one of this node's addresses.
 #[inline(always)]
 pub fn frontend(flow: &Flow, scope_nr: u8) -> Option<ServiceValue> {
-    let key = ServiceKey::new(flow.dst, flow.dport, flow.proto, scope_nr);
+    let on_node = is_node_address(flow.dst);
+    lookup(flow.dst, flow.dport, flow.proto, scope_nr, on_node)
+}
+
+/// The frontend entry for `dst:dport`; `on_node` says whether NodePorts apply there.
+#[inline(always)]
+pub fn lookup(
+    dst: u32,
+    dport: u16,
+    proto_nr: u8,
+    scope_nr: u8,
+    on_node: bool,
+) -> Option<ServiceValue> {
+    let key = ServiceKey::new(dst, dport, proto_nr, scope_nr);
     if let Some(v) = unsafe { SERVICES.get(&key) } {
         return Some(*v);
     }
-    if is_node_address(flow.dst) {
-        let key = ServiceKey::new(0, flow.dport, flow.proto, scope_nr);
+    if on_node {
+        let key = ServiceKey::new(0, dport, proto_nr, scope_nr);
         if let Some(v) = unsafe { SERVICES.get(&key) } {
             return Some(*v);
         }
@@ -25,7 +38,7 @@ pub fn frontend(flow: &Flow, scope_nr: u8) -> Option<ServiceValue> {
 }
 
 #[inline(always)]
-fn is_node_address(addr: u32) -> bool {
+pub fn is_node_address(addr: u32) -> bool {
     unsafe { NODE_ADDRS.get(&addr) }.is_some()
 }
 
@@ -47,7 +60,7 @@ pub fn is_service_address(addr: u32) -> bool {
 }
 
 #[inline(always)]
-fn fmix(mut h: u32) -> u32 {
+pub fn fmix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -57,7 +70,7 @@ fn fmix(mut h: u32) -> u32 {
 
 #[inline(always)]
 fn flow_hash(flow: &Flow) -> u32 {
-    let mut h = client_hash(flow);
+    let mut h = client_hash(flow.src);
     h = fmix(h ^ flow.dst);
     h = fmix(h ^ ((flow.sport as u32) << 16 | flow.dport as u32));
     fmix(h ^ flow.proto as u32)
@@ -73,21 +86,27 @@ pub struct Choice {
 /// Under session affinity only the client address counts, so that a client's connections
 /// agree on a backend on every node, even before (or without) an affinity entry.
 #[inline(always)]
-fn client_hash(flow: &Flow) -> u32 {
-    fmix(flow.src ^ 0x9e37_79b9)
+pub fn client_hash(client: u32) -> u32 {
+    fmix(client ^ 0x9e37_79b9)
 }
 
 /// The backend for a new flow, or the drop reason when the table cannot name one.
 #[inline(always)]
 pub fn select(flow: &Flow, svc: &ServiceValue) -> Result<Choice, u32> {
-    if svc.maglev_len == 0 {
-        return Err(drop_reason::BAD_MAGLEV_RANGE);
-    }
     let hash = if svc.flags & service_flags::AFFINITY != 0 {
-        client_hash(flow)
+        client_hash(flow.src)
     } else {
         flow_hash(flow)
     };
+    select_by_hash(hash, svc)
+}
+
+/// The backend in the Maglev slot `hash` falls on.
+#[inline(always)]
+pub fn select_by_hash(hash: u32, svc: &ServiceValue) -> Result<Choice, u32> {
+    if svc.maglev_len == 0 {
+        return Err(drop_reason::BAD_MAGLEV_RANGE);
+    }
     let slot = svc.maglev_offset as u64 + (hash % svc.maglev_len) as u64;
     if slot >= capacity::MAGLEV as u64 {
         return Err(drop_reason::BAD_MAGLEV_RANGE);

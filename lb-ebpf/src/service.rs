@@ -69,7 +69,7 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
     }
     let affine = svc.flags & service_flags::AFFINITY != 0;
     let bound = if affine {
-        affinity::lookup(flow, &svc, now)
+        affinity::lookup(flow.src, &svc, now)
     } else {
         None
     };
@@ -86,7 +86,7 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
         },
     };
     if affine {
-        affinity::remember(flow, &svc, &backend, now);
+        affinity::remember(flow.src, &svc, &backend, now);
     }
     conntrack::create(flow, svc.id, &backend, now);
     Forward::Dnat {

@@ -16,6 +16,7 @@ use crate::{
     interfaces,
     manifest::ManifestSource,
     plan::plan,
+    socket_lb,
     state::NodeContext,
     sync::{AyaMaps, Syncer},
 };
@@ -122,6 +123,15 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     }
     let node = node_context(&args, &uplinks)?;
     tracing::info!(node = %node.node_name, addresses = ?node.node_addresses, "node");
+    if args.socket_lb {
+        let cgroup = socket_lb::cgroup_root(args.cgroup.as_deref())?;
+        let cookie = dp
+            .attach_sockets(&cgroup, node.node_addresses.first().copied())
+            .context("socket load balancing (--socket-lb=false turns it off)")?;
+        tracing::info!(cgroup = %cgroup.display(), netns_cookie = cookie, "attached socket hooks");
+    } else {
+        dp.detach_sockets();
+    }
     let health = Arc::new(Health::new()?);
     tokio::spawn(health::serve(
         args.healthz_addr,

@@ -83,6 +83,15 @@ pub struct AgentArgs {
     /// Prometheus metrics.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
+    /// Translate the node's own sockets (connect, sendmsg, recvmsg, getpeername) through
+    /// cgroup hooks. `--socket-lb=false` leaves them on the packet path, which does not
+    /// see them.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub socket_lb: bool,
+    /// The cgroup v2 directory the socket hooks attach to. Default: the root of the cgroup
+    /// v2 hierarchy (mounted under /run/lb when the machine has none).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Conntrack lifetimes, refreshed by traffic. Defaults are Cilium's.
@@ -196,6 +205,9 @@ mod tests {
             "127.0.0.1:1",
             "--metrics-addr",
             "127.0.0.1:2",
+            "--socket-lb=false",
+            "--cgroup",
+            "/sys/fs/cgroup/lb",
         ])
         .unwrap();
         let Command::Agent(a) = cli.command else {
@@ -206,6 +218,8 @@ mod tests {
         assert_eq!(a.pod_ifaces, ["lbp*"]);
         assert_eq!(a.xdp_mode, XdpModeArg::Generic);
         assert_eq!(a.pins.bpffs, PathBuf::from("/sys/fs/bpf/x"));
+        assert!(!a.socket_lb);
+        assert_eq!(a.cgroup, Some(PathBuf::from("/sys/fs/cgroup/lb")));
     }
 
     #[test]
@@ -221,6 +235,8 @@ mod tests {
         assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:10249");
         assert_eq!(a.pins.bpffs, PathBuf::from(DEFAULT_BPFFS));
         assert_eq!(a.lifetimes.config().unwrap(), lb_common::Config::default());
+        assert!(a.socket_lb, "host processes reach services by default");
+        assert_eq!(a.cgroup, None);
     }
 
     #[test]

@@ -181,6 +181,22 @@ impl Datapath {
         }
     }
 
+    /// The socket hooks on `cgroup`, acting for this network namespace; returns its
+    /// cookie as the programs learned it.
+    pub fn attach_sockets(
+        &mut self,
+        cgroup: &Path,
+        node_addr: Option<std::net::Ipv4Addr>,
+    ) -> anyhow::Result<u64> {
+        crate::socket_lb::attach(&mut self.ebpf, &self.dir.join(LINKS), cgroup)?;
+        crate::socket_lb::configure(&self.dir, node_addr)
+    }
+
+    /// Removes socket hooks an earlier agent attached.
+    pub fn detach_sockets(&self) {
+        crate::socket_lb::detach(&self.dir.join(LINKS));
+    }
+
     /// XDP on an uplink, through a bpf_link pinned as `links/xdp-<mode>-<iface>`: an
     /// existing link (from an earlier agent) gets the new program atomically.
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpModeArg) -> anyhow::Result<String> {

@@ -275,6 +275,11 @@ impl Cluster {
     /// Starts the real agent in the node namespace on a manifest path and waits for its
     /// first sync.
     pub fn start_agent(&mut self, manifests: &Path) -> Result<()> {
+        self.start_agent_with(manifests, &[])
+    }
+
+    /// Starts the agent with more flags after the usual ones.
+    pub fn start_agent_with(&mut self, manifests: &Path, extra: &[&str]) -> Result<()> {
         let log = File::options()
             .create(true)
             .append(true)
@@ -300,6 +305,7 @@ impl Cluster {
                 "--metrics-addr",
                 "127.0.0.1:10249",
             ])
+            .args(extra)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

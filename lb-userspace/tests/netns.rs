@@ -606,6 +606,15 @@ fn session_affinity_keeps_a_client_on_one_pod_until_it_leaves_or_times_out() {
     // Without affinity 12 connections over 3 pods all on one would be a 1 in 3^11 chance.
     let first = one_pod(&who_answers(&s, to, 12));
     let first_i = s.cluster.pods.iter().position(|p| p.name == first).unwrap();
+    // The node's own sockets are one client too.
+    let from_node: Vec<String> = (0..8)
+        .map(|_| {
+            node_tcp(&s, SocketAddr::from((Ipv4Addr::new(10, 96, 0, 40), 80)))
+                .expect("sticky ClusterIP from the node")
+                .0
+        })
+        .collect();
+    one_pod(&from_node);
 
     // Its pod leaves: the client moves, and stays where it moved.
     let rest: Vec<usize> = (0..3).filter(|&i| i != first_i).collect();
@@ -644,6 +653,9 @@ fn source_ranges_drop_other_clients_at_the_lb_ip_only() {
     let stats = s.cluster.lb("stats", &["--output", "json"]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert!(v["drops"]["source_range"].as_u64().unwrap() > 0, "{stats}");
+    // The node's own sockets come from the node's address, outside the ranges too.
+    let e = node_tcp(&s, lb).expect_err("the node outside the ranges");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
     // The same service's NodePort is not filtered, as with kube-proxy.
     let np = SocketAddr::from((NODE_IP, GUARDED_NODE_PORT));
     assert_eq!(answers(&s, np, 2), BTreeSet::from(["pod-a".to_string()]));
@@ -724,4 +736,142 @@ fn a_cluster_ip_without_endpoints_serves_every_port_once_it_gains_some() {
     for (r, what) in ask_all().into_iter().zip(["53/TCP", "53/UDP", "80/TCP"]) {
         assert_eq!(r.expect(what), "pod-a", "{what}");
     }
+}
+
+/// One request over a new TCP connection from the node itself: the answer and the peer
+/// address the socket reports.
+fn node_tcp(s: &Setup, to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    s.cluster
+        .node
+        .run(move || {
+            use std::io::{BufRead, BufReader, Write};
+            let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            c.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let peer = c.peer_addr()?;
+            c.write_all(b"hello\n")?;
+            let mut line = String::new();
+            BufReader::new(c).read_line(&mut line)?;
+            Ok((line.trim().to_string(), peer))
+        })
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn the_node_itself_reaches_services_through_its_sockets() {
+    let s = setup(&["pod-a", "pod-b"], 2);
+    let cluster_ip = SocketAddr::from((CLUSTER_IP, 80));
+    let pods: BTreeSet<String> = ["pod-a".into(), "pod-b".into()].into();
+    let mut seen = BTreeSet::new();
+    for _ in 0..24 {
+        let (who, peer) = node_tcp(&s, cluster_ip).expect("ClusterIP from the node");
+        assert_eq!(peer, cluster_ip, "getpeername shows the service");
+        seen.insert(who);
+    }
+    assert_eq!(
+        seen, pods,
+        "one process's connections spread over the backends"
+    );
+    for to in [
+        SocketAddr::from((NODE_IP, NODE_PORT)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, NODE_PORT)),
+        SocketAddr::from((LB_IP, 80)),
+    ] {
+        let (who, peer) = node_tcp(&s, to).unwrap_or_else(|e| panic!("{to} from the node: {e}"));
+        assert!(pods.contains(&who), "{to}: {who}");
+        assert_eq!(peer, to);
+    }
+
+    let dns = SocketAddr::from((CLUSTER_IP, 53));
+    let (unconnected, connected) = s
+        .cluster
+        .node
+        .run(move || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            sock.send_to(b"ping", dns).unwrap();
+            let mut buf = [0u8; 64];
+            let unconnected = sock
+                .recv_from(&mut buf)
+                .map(|(n, from)| (String::from_utf8_lossy(&buf[..n]).into_owned(), from));
+            let c = udp_socket(dns).unwrap();
+            let connected = udp_ask(&c).map(|who| (who, c.peer_addr().unwrap()));
+            (unconnected, connected)
+        })
+        .unwrap();
+    let (who, from) = unconnected.expect("UDP answer to an unconnected socket");
+    assert!(pods.contains(&who));
+    assert_eq!(from, dns, "the reply comes from the service address");
+    let (who, peer) = connected.expect("UDP answer to a connected socket");
+    assert!(pods.contains(&who));
+    assert_eq!(peer, dns);
+
+    // No endpoints, or a port the ClusterIP does not declare: a prompt refusal.
+    let t = Instant::now();
+    for to in [
+        SocketAddr::from((EMPTY_CLUSTER_IP, 80)),
+        SocketAddr::from((CLUSTER_IP, 81)),
+    ] {
+        let e = node_tcp(&s, to).expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{to}: {e}");
+    }
+    let empty_dns = SocketAddr::from((EMPTY_CLUSTER_IP, 53));
+    let udp = s
+        .cluster
+        .node
+        .run(move || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.send_to(b"ping", empty_dns)
+        })
+        .unwrap();
+    assert_eq!(
+        udp.expect_err("UDP to a service without endpoints").kind(),
+        ErrorKind::ConnectionRefused
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "refusals were not prompt"
+    );
+
+    let stats = s.cluster.lb("stats", &["--output", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    // 24 + 3 TCP connects and 2 UDP sockets translated; 3 refusals.
+    assert_eq!(v["verdicts"]["socket"]["packets"], 29, "{stats}");
+    assert_eq!(v["verdicts"]["reject"]["packets"], 3, "{stats}");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn socket_hooks_act_only_in_the_agents_namespace_and_can_be_turned_off() {
+    let mut s = setup(&["pod-a"], 1);
+    let cluster_ip = SocketAddr::from((CLUSTER_IP, 80));
+    // The client is another namespace on the same machine: translated, its connect would
+    // reach the pod through the node; untranslated, the node has nothing at a ClusterIP
+    // for traffic from outside.
+    let from_outside = from_client(&s, move || tcp_request(cluster_ip));
+    assert!(
+        from_outside.is_err(),
+        "the client namespace was translated: {from_outside:?}"
+    );
+    // The hooks stay while the agent is down.
+    s.cluster.kill_agent();
+    assert_eq!(node_tcp(&s, cluster_ip).expect("agent down").0, "pod-a");
+
+    s.cluster
+        .start_agent_with(&s.file, &["--socket-lb=false"])
+        .expect("agent without socket LB");
+    assert!(
+        s.cluster.log().contains("removed socket hook"),
+        "{}",
+        s.cluster.log()
+    );
+    assert!(
+        node_tcp(&s, cluster_ip).is_err(),
+        "the node's sockets are not translated any more"
+    );
+    // The packet path is unaffected.
+    assert_eq!(
+        answers(&s, SocketAddr::from((NODE_IP, NODE_PORT)), 2),
+        BTreeSet::from(["pod-a".to_string()])
+    );
 }
