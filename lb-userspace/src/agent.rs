@@ -16,6 +16,7 @@ use crate::{
     interfaces,
     manifest::ManifestSource,
     plan::plan,
+    service_health::ServiceHealth,
     socket_lb,
     state::NodeContext,
     sync::{AyaMaps, Syncer},
@@ -78,6 +79,7 @@ struct Agent {
     node: NodeContext,
     syncer: Syncer<AyaMaps>,
     health: Arc<Health>,
+    service_health: ServiceHealth,
 }
 
 impl Agent {
@@ -92,6 +94,7 @@ impl Agent {
             tracing::warn!("{w}");
         }
         let report = self.syncer.apply(&plan.desired);
+        self.service_health.sync(&plan.desired.health_checks);
         for e in &report.errors {
             tracing::error!("map write failed: {e}");
         }
@@ -145,6 +148,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         node,
         syncer,
         health,
+        service_health: ServiceHealth::default(),
     };
     let mut seen = fingerprint(&agent.source);
     agent.apply();

@@ -70,10 +70,21 @@ pub struct DesiredService {
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
+/// A healthCheckNodePort of an externalTrafficPolicy Local LoadBalancer service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints on this node, across the service's ports.
+    pub local_endpoints: usize,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DesiredMaps {
     pub services: BTreeMap<ServicePortId, DesiredService>,
     /// Addresses that belong to services: any undeclared port on them is rejected.
     pub cluster_ips: BTreeSet<Ipv4Addr>,
     pub node_addresses: BTreeSet<Ipv4Addr>,
+    /// healthCheckNodePort -> what it reports; served by the agent, not by the maps.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }

@@ -12,6 +12,7 @@ pub mod maglev;
 pub mod manifest;
 pub mod object;
 pub mod plan;
+pub mod service_health;
 pub mod socket_lb;
 pub mod state;
 pub mod sync;

@@ -11,7 +11,9 @@ use k8s_openapi::api::{
 use lb_common::{backend_state, kind, proto, scope};
 
 use crate::{
-    desired::{DesiredBackend, DesiredFrontend, DesiredMaps, DesiredService, ServicePortId},
+    desired::{
+        DesiredBackend, DesiredFrontend, DesiredMaps, DesiredService, HealthCheck, ServicePortId,
+    },
     manifest::service_of,
     state::{ClusterState, NodeContext, ObjectRef},
 };
@@ -127,6 +129,7 @@ fn plan_service(
     });
 
     let mut any_port = false;
+    let mut local_ready = std::collections::BTreeSet::new();
     for port in spec.ports.iter().flatten() {
         let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
             warnings.push(format!(
@@ -143,6 +146,12 @@ fn plan_service(
             protocol,
         };
         let endpoints = endpoints_for(port, protocol, slices, node, r);
+        local_ready.extend(
+            endpoints
+                .iter()
+                .filter(|e| e.ready && e.backend.local)
+                .map(|e| e.backend.addr),
+        );
         let backends: Vec<DesiredBackend> = endpoints.iter().map(|e| e.backend.clone()).collect();
         let cluster = select(&endpoints, false);
         let local = select(&endpoints, true);
@@ -217,6 +226,27 @@ fn plan_service(
     }
     if let (Some(ip), true) = (cluster_ip, any_port) {
         out.cluster_ips.insert(ip);
+    }
+    // kube-proxy serves a health check for Local LoadBalancers, counting ready local
+    // endpoints, so that the cloud load balancer sends only to nodes that have one.
+    if let (true, true, Some(port)) = (
+        svc_type == "LoadBalancer",
+        external_local,
+        spec.health_check_node_port,
+    ) {
+        let check = HealthCheck {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            local_endpoints: local_ready.len(),
+        };
+        match u16::try_from(port) {
+            Ok(p) if p != 0 && !out.health_checks.contains_key(&p) => {
+                out.health_checks.insert(p, check);
+            }
+            _ => warnings.push(format!(
+                "service {r}: healthCheckNodePort {port} is invalid or taken, not served"
+            )),
+        }
     }
 }
 

@@ -875,3 +875,81 @@ fn socket_hooks_act_only_in_the_agents_namespace_and_can_be_turned_off() {
         BTreeSet::from(["pod-a".to_string()])
     );
 }
+
+const HEALTH_CHECK_PORT: u16 = 32100;
+
+/// A Local LoadBalancer with a healthCheckNodePort; its one endpoint runs on `node`.
+fn local_lb(s: &Setup, node: &str) -> String {
+    format!(
+        r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: local-web, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.70
+  externalTrafficPolicy: Local
+  healthCheckNodePort: {HEALTH_CHECK_PORT}
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30095}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: "203.0.113.30"}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: local-web-abc
+  namespace: demo
+  labels: {{kubernetes.io/service-name: local-web}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+endpoints:
+- addresses: ["{}"]
+  nodeName: {node}
+  conditions: {{ready: true}}
+"#,
+        s.cluster.pods[0].ip
+    )
+}
+
+/// GET / on the node's health check port from the client: status code and body.
+fn health_check(s: &Setup) -> std::io::Result<(u16, serde_json::Value)> {
+    from_client(s, || {
+        use std::io::{Read, Write};
+        let to = SocketAddr::from((NODE_IP, HEALTH_CHECK_PORT));
+        let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        c.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok((code, serde_json::from_str(body).unwrap_or_default()))
+    })
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn the_health_check_node_port_reports_local_endpoints() {
+    let s = setup(&["pod-a"], 0);
+    rewrite_extra(&s, local_lb(&s, "node1"));
+    let (code, body) = health_check(&s).expect("health check with a local endpoint");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["service"]["namespace"], "demo");
+    assert_eq!(body["service"]["name"], "local-web");
+    assert_eq!(body["localEndpoints"], 1);
+
+    rewrite_extra(&s, local_lb(&s, "node2"));
+    let (code, body) = health_check(&s).expect("health check without a local endpoint");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["localEndpoints"], 0);
+
+    rewrite_extra(&s, String::new());
+    let gone = health_check(&s).expect_err("the service is gone");
+    assert_eq!(gone.kind(), ErrorKind::ConnectionRefused, "{gone}");
+}

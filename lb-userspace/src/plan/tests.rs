@@ -343,3 +343,33 @@ fn without_ranges_nothing_is_filtered() {
     assert!(s.source_ranges.is_empty());
     assert!(s.frontends.iter().all(|f| !f.filter_sources));
 }
+
+#[test]
+fn health_check_node_port_counts_ready_local_endpoints() {
+    let svc = load_balancer(
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n",
+        "",
+    );
+    let eps = [
+        ("10.0.0.1", "n1", true, true, false),
+        ("10.0.0.2", "n1", false, true, true),
+        ("10.0.0.3", "n2", true, true, false),
+    ];
+    let p = plan_yaml(&(svc.clone() + &slice(SLICE_PORTS, &eps)));
+    let hc = &p.desired.health_checks[&32100];
+    assert_eq!((hc.namespace.as_str(), hc.name.as_str()), ("ns", "s"));
+    assert_eq!(hc.local_endpoints, 1, "ready and on this node only");
+    let p = plan_yaml(&(svc + &slice(SLICE_PORTS, &eps[2..])));
+    assert_eq!(p.desired.health_checks[&32100].local_endpoints, 0);
+}
+
+#[test]
+fn only_local_load_balancers_get_a_health_check() {
+    for extra in [
+        "  healthCheckNodePort: 32100\n",
+        "  externalTrafficPolicy: Local\n",
+    ] {
+        let p = plan_yaml(&load_balancer(extra, ""));
+        assert!(p.desired.health_checks.is_empty(), "{extra}");
+    }
+}
