@@ -202,6 +202,13 @@ pub mod ct_kind {
     pub const REPLY: u8 = 1;
 }
 
+/// Bits of [`CtValue::flags`].
+pub mod ct_flags {
+    /// A pod reaching its own service and given itself as the backend: the flow is also
+    /// source-NATed to the service-loopback address, so the pod answers through the node.
+    pub const HAIRPIN: u8 = 1 << 0;
+}
+
 /// TCP state tracked per flow, which chooses the entry's lifetime.
 pub mod tcp_state {
     /// SYN seen, no reply yet (also used for UDP and other protocols).
@@ -217,7 +224,9 @@ pub mod tcp_state {
 pub struct CtValue {
     pub kind: u8,
     pub tcp_state: u8,
-    _pad0: [u8; 2],
+    /// [`ct_flags`].
+    pub flags: u8,
+    _pad0: u8,
     pub service_id: u32,
     pub backend_id: u32,
     pub nat_addr: u32,
@@ -241,7 +250,8 @@ impl CtValue {
         Self {
             kind,
             tcp_state,
-            _pad0: [0; 2],
+            flags: 0,
+            _pad0: 0,
             service_id,
             backend_id,
             nat_addr,
@@ -411,8 +421,13 @@ pub struct Config {
     pub tcp_closing_s: u32,
     pub udp_s: u32,
     pub other_s: u32,
-    _pad: [u32; 2],
+    /// The source a hairpinned flow gets (wire order); 0 means [`DEFAULT_HAIRPIN_ADDR`].
+    pub hairpin_addr: u32,
+    _pad: u32,
 }
+
+/// Cilium's service-loopback address, 169.254.42.1: link-local, so no pod or node owns it.
+pub const DEFAULT_HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
 
 impl Config {
     pub const fn new(
@@ -429,7 +444,8 @@ impl Config {
             tcp_closing_s,
             udp_s,
             other_s,
-            _pad: [0; 2],
+            hairpin_addr: DEFAULT_HAIRPIN_ADDR,
+            _pad: 0,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! reply entry (backend tuple -> frontend), with lifetimes from CONFIG.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{ct_kind, proto, tcp_state, Config, CtKey, CtValue};
+use lb_common::{ct_kind, proto, tcp_state, Config, CtKey, CtValue, DEFAULT_HAIRPIN_ADDR};
 
 use crate::{
     maps::{BACKENDS, CONFIG, CONNTRACK},
@@ -18,6 +18,15 @@ const REFRESH_NS: u64 = NS;
 #[inline(always)]
 pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// The service-loopback address hairpinned flows are source-NATed to.
+#[inline(always)]
+pub fn hairpin_addr() -> u32 {
+    match CONFIG.get(0) {
+        Some(c) if c.hairpin_addr != 0 => c.hairpin_addr,
+        _ => DEFAULT_HAIRPIN_ADDR,
+    }
 }
 
 #[inline(always)]
@@ -72,9 +81,10 @@ fn key_of(flow: &Flow) -> CtKey {
     CtKey::new(flow.src, flow.dst, flow.sport, flow.dport, flow.proto)
 }
 
-/// The backend of an existing flow of service `service_id`, refreshing its entries.
+/// The backend of an existing flow of service `service_id` and the entry's `ct_flags`,
+/// refreshing its entries.
 #[inline(always)]
-pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<(u32, u16)> {
+pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<(u32, u16, u8)> {
     let ct = CONNTRACK.get_ptr_mut(&key_of(flow))?;
     let ct = unsafe { &mut *ct };
     if ct.kind != ct_kind::FORWARD
@@ -95,13 +105,30 @@ pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<(u32, u16)> {
         ct.last_seen_ns = now;
         refresh_reply(flow, ct, now);
     }
-    Some((ct.nat_addr, ct.nat_port))
+    Some((ct.nat_addr, ct.nat_port, ct.flags))
+}
+
+/// The client's address as the backend sees it: its own, or the service-loopback
+/// address for a hairpinned flow.
+#[inline(always)]
+fn seen_src(flow: &Flow, flags: u8) -> u32 {
+    if flags & lb_common::ct_flags::HAIRPIN != 0 {
+        hairpin_addr()
+    } else {
+        flow.src
+    }
 }
 
 /// Keeps the reply entry alive as long as the forward direction is.
 #[inline(always)]
 fn refresh_reply(flow: &Flow, ct: &CtValue, now: u64) {
-    let rev_key = CtKey::new(ct.nat_addr, flow.src, ct.nat_port, flow.sport, flow.proto);
+    let rev_key = CtKey::new(
+        ct.nat_addr,
+        seen_src(flow, ct.flags),
+        ct.nat_port,
+        flow.sport,
+        flow.proto,
+    );
     if let Some(rev) = CONNTRACK.get_ptr_mut(&rev_key) {
         unsafe {
             (*rev).last_seen_ns = now;
@@ -111,11 +138,12 @@ fn refresh_reply(flow: &Flow, ct: &CtValue, now: u64) {
 }
 
 /// Records a new flow: the forward entry under the client's tuple and the reply entry
-/// under the backend's, which restores the frontend as the reply's source.
+/// under the backend's, which restores the frontend as the reply's source. `flags` are
+/// [`lb_common::ct_flags`].
 #[inline(always)]
-pub fn create(flow: &Flow, service_id: u32, backend: &Choice, now: u64) {
+pub fn create(flow: &Flow, service_id: u32, backend: &Choice, flags: u8, now: u64) {
     let state = next_tcp_state(tcp_state::OPENING, flow.tcp_flags);
-    let fwd = CtValue::new(
+    let mut fwd = CtValue::new(
         ct_kind::FORWARD,
         state,
         service_id,
@@ -124,7 +152,7 @@ pub fn create(flow: &Flow, service_id: u32, backend: &Choice, now: u64) {
         backend.port,
         now,
     );
-    let rev = CtValue::new(
+    let mut rev = CtValue::new(
         ct_kind::REPLY,
         state,
         service_id,
@@ -133,16 +161,24 @@ pub fn create(flow: &Flow, service_id: u32, backend: &Choice, now: u64) {
         flow.dport,
         now,
     );
-    let rev_key = CtKey::new(backend.addr, flow.src, backend.port, flow.sport, flow.proto);
+    fwd.flags = flags;
+    rev.flags = flags;
+    let rev_key = CtKey::new(
+        backend.addr,
+        seen_src(flow, flags),
+        backend.port,
+        flow.sport,
+        flow.proto,
+    );
     // An LRU map evicts instead of failing; a failed insert only loses this flow's state.
     let _ = CONNTRACK.insert(&rev_key, &rev, 0);
     let _ = CONNTRACK.insert(&key_of(flow), &fwd, 0);
 }
 
-/// The frontend to restore as the source of a reply (address, port, service id), if the
-/// packet is a reply of a translated flow. A reply establishes an opening TCP flow.
+/// The frontend to restore as the source of a reply (address, port, service id, flags),
+/// if the packet is a reply of a translated flow. A reply establishes an opening TCP flow.
 #[inline(always)]
-pub fn reply(flow: &Flow, now: u64) -> Option<(u32, u16, u32)> {
+pub fn reply(flow: &Flow, now: u64) -> Option<(u32, u16, u32, u8)> {
     let ct = CONNTRACK.get_ptr_mut(&key_of(flow))?;
     let ct = unsafe { &mut *ct };
     if ct.kind != ct_kind::REPLY || !live(ct, flow.proto, now) {
@@ -151,7 +187,14 @@ pub fn reply(flow: &Flow, now: u64) -> Option<(u32, u16, u32)> {
     let mut state = ct.tcp_state;
     if flow.proto == proto::TCP && state == tcp_state::OPENING {
         state = tcp_state::ESTABLISHED;
-        let fwd_key = CtKey::new(flow.dst, ct.nat_addr, flow.dport, ct.nat_port, flow.proto);
+        // A hairpinned reply goes to the service-loopback address; its client is the
+        // backend itself.
+        let client = if ct.flags & lb_common::ct_flags::HAIRPIN != 0 {
+            flow.src
+        } else {
+            flow.dst
+        };
+        let fwd_key = CtKey::new(client, ct.nat_addr, flow.dport, ct.nat_port, flow.proto);
         if let Some(fwd) = CONNTRACK.get_ptr_mut(&fwd_key) {
             unsafe {
                 if (*fwd).tcp_state == tcp_state::OPENING {
@@ -166,7 +209,7 @@ pub fn reply(flow: &Flow, now: u64) -> Option<(u32, u16, u32)> {
         ct.tcp_state = state;
         ct.last_seen_ns = now;
     }
-    Some((ct.nat_addr, ct.nat_port, ct.service_id))
+    Some((ct.nat_addr, ct.nat_port, ct.service_id, ct.flags))
 }
 
 /// A live entry of `kind` under `key`, for the flow an ICMP error quotes.

@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    ct_kind, proto, scope,
+    ct_flags, ct_kind, proto, scope,
     stats::{drop_reason, verdict},
 };
 
@@ -41,6 +41,8 @@ use crate::{
 enum Outcome {
     Pass,
     Translated,
+    /// Translated, and to be sent back out of the interface it came in on (hairpin).
+    Hairpin,
     Reject,
     Drop,
 }
@@ -112,21 +114,34 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
     if !translates(flow) {
         return Outcome::Pass;
     }
+    if scope_nr == scope::INTERNAL && flow.dst == conntrack::hairpin_addr() {
+        return hairpin_reply(ctx, flow, bytes);
+    }
     match service::forward(flow, scope_nr) {
         Forward::Pass => Outcome::Pass,
         Forward::Dnat {
             addr,
             port,
             service,
+            snat,
         } => {
             count_service(service, bytes);
             if ctx.rewrite(flow, End::Dst, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
                 return Outcome::Drop;
             }
-            fragments::remember(flow, flow.src, addr);
+            let src = snat.unwrap_or(flow.src);
+            if snat.is_some() && ctx.rewrite(flow, End::Src, src, flow.sport).is_err() {
+                count_drop(drop_reason::REWRITE_FAILED);
+                return Outcome::Drop;
+            }
+            fragments::remember(flow, src, addr);
             count_verdict(verdict::DNAT, bytes);
-            Outcome::Translated
+            if snat.is_some() {
+                Outcome::Hairpin
+            } else {
+                Outcome::Translated
+            }
         }
         Forward::Reject { service } => {
             count_service(service, bytes);
@@ -137,6 +152,28 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
             count_drop(reason);
             Outcome::Drop
         }
+    }
+}
+
+/// A pod's answer to the service-loopback address, for a flow it opened to its own
+/// service: both ends are restored (the service as the source, the pod as the
+/// destination) and the packet goes straight back to the pod.
+#[inline(always)]
+fn hairpin_reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
+    match conntrack::reply(flow, conntrack::now()) {
+        Some((addr, port, service, flags)) if flags & ct_flags::HAIRPIN != 0 => {
+            let ok = ctx.rewrite(flow, End::Src, addr, port).is_ok()
+                && ctx.rewrite(flow, End::Dst, flow.src, flow.dport).is_ok();
+            if !ok {
+                count_drop(drop_reason::REWRITE_FAILED);
+                return Outcome::Drop;
+            }
+            fragments::remember(flow, addr, flow.src);
+            count_service(service, bytes);
+            count_verdict(verdict::REVERSE_NAT, bytes);
+            Outcome::Hairpin
+        }
+        _ => Outcome::Pass,
     }
 }
 
@@ -153,7 +190,7 @@ fn reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
         return Outcome::Pass;
     }
     match conntrack::reply(flow, conntrack::now()) {
-        Some((addr, port, service)) => {
+        Some((addr, port, service, _)) => {
             if ctx.rewrite(flow, End::Src, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
                 return Outcome::Drop;
@@ -178,7 +215,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     match forward(&ctx, &flow, scope::EXTERNAL, bytes) {
-        Outcome::Pass | Outcome::Translated => xdp_action::XDP_PASS,
+        // Hairpin needs a pod as the client: it never happens on an uplink.
+        Outcome::Pass | Outcome::Translated | Outcome::Hairpin => xdp_action::XDP_PASS,
         Outcome::Drop => {
             count_verdict(verdict::DROP, bytes);
             xdp_action::XDP_DROP
@@ -239,6 +277,15 @@ fn xdp_reject(ctx: &XdpContext, flow: &Flow) -> Option<()> {
 fn tc_verdict(outcome: Outcome, ctx: &TcContext, flow: &Flow, bytes: u64) -> i32 {
     match outcome {
         Outcome::Pass | Outcome::Translated => TC_ACT_OK,
+        Outcome::Hairpin => {
+            if reject::swap_macs(ctx.data(), ctx.data_end()).is_none() {
+                count_drop(drop_reason::REWRITE_FAILED);
+                count_verdict(verdict::DROP, bytes);
+                return TC_ACT_SHOT;
+            }
+            // Back to the pod it came from, past the node's routing (and its rp_filter).
+            unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+        }
         Outcome::Drop => {
             count_verdict(verdict::DROP, bytes);
             TC_ACT_SHOT

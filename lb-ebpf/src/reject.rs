@@ -15,7 +15,7 @@ const QUOTE_EXTRA: usize = 8;
 
 /// Swaps the Ethernet addresses of the frame starting at `data`.
 #[inline(always)]
-fn swap_macs(data: usize, data_end: usize) -> Option<()> {
+pub fn swap_macs(data: usize, data_end: usize) -> Option<()> {
     let eth: *mut [u8; 12] = ptr_at(data, data_end, 0)?;
     let eth = unsafe { &mut *eth };
     let mut i = 0;

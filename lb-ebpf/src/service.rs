@@ -2,7 +2,7 @@
 //! dropped, an existing flow keeps its backend, a new one goes to its client's affine
 //! backend or gets the Maglev choice, a service without backends rejects or drops.
 
-use lb_common::{scope, service_flags, stats::drop_reason};
+use lb_common::{ct_flags, scope, service_flags, stats::drop_reason};
 
 use crate::{
     affinity, conntrack,
@@ -14,11 +14,13 @@ use crate::{
 pub enum Forward {
     /// Not a service: leave the packet alone.
     Pass,
-    /// Send to this backend.
+    /// Send to this backend; a hairpinned flow also gets the service-loopback address
+    /// as its source (`snat`).
     Dnat {
         addr: u32,
         port: u16,
         service: u32,
+        snat: Option<u32>,
     },
     Reject {
         service: u32,
@@ -51,11 +53,12 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
         };
     }
     let now = conntrack::now();
-    if let Some((addr, port)) = conntrack::forward(flow, svc.id, now) {
+    if let Some((addr, port, flags)) = conntrack::forward(flow, svc.id, now) {
         return Forward::Dnat {
             addr,
             port,
             service: svc.id,
+            snat: hairpin_snat(flags),
         };
     }
     if svc.backend_count == 0 {
@@ -88,10 +91,24 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
     if affine {
         affinity::remember(flow.src, &svc, &backend, now);
     }
-    conntrack::create(flow, svc.id, &backend, now);
+    // A pod given itself as the backend would see a packet from its own address and drop
+    // it; from the service-loopback address it answers, and the answer comes back through
+    // the node to be translated.
+    let flags = if backend.addr == flow.src {
+        ct_flags::HAIRPIN
+    } else {
+        0
+    };
+    conntrack::create(flow, svc.id, &backend, flags, now);
     Forward::Dnat {
         addr: backend.addr,
         port: backend.port,
         service: svc.id,
+        snat: hairpin_snat(flags),
     }
+}
+
+#[inline(always)]
+fn hairpin_snat(flags: u8) -> Option<u32> {
+    (flags & ct_flags::HAIRPIN != 0).then(conntrack::hairpin_addr)
 }

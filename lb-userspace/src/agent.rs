@@ -111,7 +111,8 @@ impl Agent {
 
 async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let path = args.source_path()?;
-    let lifetimes = args.lifetimes.config()?;
+    let mut config = args.lifetimes.config()?;
+    config.hairpin_addr = lb_common::addr::ipv4(args.service_loopback_address.octets());
     let uplinks = if args.external_ifaces.is_empty() {
         vec![interfaces::default_route_iface()
             .context("no --external-iface given and no default route to find one")?]
@@ -142,7 +143,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         health.clone(),
     ));
 
-    let syncer = Syncer::recover(dp.maps()?, lifetimes)?;
+    let syncer = Syncer::recover(dp.maps()?, config)?;
     let mut agent = Agent {
         source: ManifestSource::new(&path),
         node,

@@ -88,6 +88,10 @@ pub struct AgentArgs {
     /// see them.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub socket_lb: bool,
+    /// The source address a pod sees when it reaches its own service and is chosen as the
+    /// backend (hairpin). Link-local, so that no pod or node owns it.
+    #[arg(long, default_value = "169.254.42.1")]
+    pub service_loopback_address: Ipv4Addr,
     /// The cgroup v2 directory the socket hooks attach to. Default: the root of the cgroup
     /// v2 hierarchy (mounted under /run/lb when the machine has none).
     #[arg(long)]
@@ -236,6 +240,10 @@ mod tests {
         assert_eq!(a.pins.bpffs, PathBuf::from(DEFAULT_BPFFS));
         assert_eq!(a.lifetimes.config().unwrap(), lb_common::Config::default());
         assert!(a.socket_lb, "host processes reach services by default");
+        assert_eq!(
+            lb_common::addr::ipv4(a.service_loopback_address.octets()),
+            lb_common::DEFAULT_HAIRPIN_ADDR
+        );
         assert_eq!(a.cgroup, None);
     }
 

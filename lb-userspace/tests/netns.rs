@@ -953,3 +953,34 @@ fn the_health_check_node_port_reports_local_endpoints() {
     let gone = health_check(&s).expect_err("the service is gone");
     assert_eq!(gone.kind(), ErrorKind::ConnectionRefused, "{gone}");
 }
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn a_pod_reaching_its_own_service_is_answered_by_itself() {
+    let s = setup(&["pod-a", "pod-b"], 1);
+    let (tcp, udp, session) = s.cluster.pods[0]
+        .ns
+        .run(|| {
+            let tcp: Vec<_> = (0..4)
+                .map(|_| tcp_request(SocketAddr::from((CLUSTER_IP, 80))))
+                .collect();
+            let udp = udp_ask(&udp_socket(SocketAddr::from((CLUSTER_IP, 53))).unwrap());
+            let session = Session::open(SocketAddr::from((CLUSTER_IP, 80))).and_then(|mut s| {
+                let a = s.ask()?;
+                let b = s.ask()?;
+                Ok((a, b))
+            });
+            (tcp, udp, session)
+        })
+        .unwrap();
+    for r in tcp {
+        assert_eq!(r.expect("TCP from the pod to its own service"), "pod-a");
+    }
+    assert_eq!(udp.expect("UDP from the pod to its own service"), "pod-a");
+    let (a, b) = session.expect("a kept-open hairpinned connection");
+    assert_eq!((a.as_str(), b.as_str()), ("pod-a", "pod-a"));
+    // The other pod is not a backend and reaches the service as before.
+    let to = SocketAddr::from((CLUSTER_IP, 80));
+    let other = s.cluster.pods[1].ns.run(move || tcp_request(to)).unwrap();
+    assert_eq!(other.expect("another pod"), "pod-a");
+}
