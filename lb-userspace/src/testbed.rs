@@ -150,15 +150,27 @@ pub const POD_PORT: u16 = 8080;
 /// Client <-> node <-> pods, as a host-gateway network would wire them: pods have a /32
 /// and a default route via a link-local gateway address on the node's pod interfaces; the node
 /// has a /32 route to each pod over its veth. The node also has the common
-/// `FORWARD -m conntrack --ctstate INVALID -j DROP` rule.
+/// `FORWARD -m conntrack --ctstate INVALID -j DROP` rule. With peers, the client's side is
+/// a bridge: one L2 segment for the client and every node, and each node routes the other
+/// nodes' pod ranges to them.
 pub struct Cluster {
     pub client: Netns,
     pub node: Netns,
     pub pods: Vec<Pod>,
     pub bpffs: PathBuf,
-    agent: Option<Child>,
-    agent_log: PathBuf,
+    /// Further nodes on the client's segment, each with its own pods and agent.
+    pub peers: Vec<PeerNode>,
+    agent: AgentRun,
     lb: PathBuf,
+}
+
+/// Another node: 192.0.2.(3 + i), pods in 10.244.(1 + i).0/24, named node(2 + i).
+pub struct PeerNode {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub pods: Vec<Pod>,
+    agent: AgentRun,
 }
 
 /// The pod's veth pair, its address and routes on both sides.
@@ -182,60 +194,128 @@ fn wire_pod(node: &Netns, pod: &Pod) -> Result<()> {
     Ok(())
 }
 
+/// Forwarding, no reverse-path filter, and the INVALID drop rule real nodes often have.
+fn node_settings(node: &Netns) -> Result<()> {
+    node.sysctl("net.ipv4.ip_forward", "1")?;
+    node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+    node.exec(
+        "iptables",
+        &[
+            "-A",
+            "FORWARD",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "DROP",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Pods `names` on `node`, in 10.244.`subnet`.0/24.
+fn make_pods(node: &Netns, names: &[&str], subnet: u8) -> Result<Vec<Pod>> {
+    let mut pods = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let pod = Pod {
+            name: name.to_string(),
+            ns: Netns::new("lbp")?,
+            ip: Ipv4Addr::new(10, 244, subnet, 10 + i as u8),
+            host_iface: format!("lbp{i}"),
+        };
+        wire_pod(node, &pod)?;
+        pods.push(pod);
+    }
+    Ok(pods)
+}
+
 impl Cluster {
     pub fn new(lb: &Path, pod_names: &[&str]) -> Result<Self> {
+        Self::with_peers(lb, pod_names, &[])
+    }
+
+    /// A cluster whose node has `pod_names`, and one more node per entry of `peers`.
+    pub fn with_peers(lb: &Path, pod_names: &[&str], peers: &[&[&str]]) -> Result<Self> {
         let client = Netns::new("lbc")?;
         let node = Netns::new("lbn")?;
         veth(&node, "up0", &client, "eth0")?;
         node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "up0"])?;
-        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
-        client.ip(&["route", "add", "default", "via", &NODE_IP.to_string()])?;
         // The client side behaves like a NIC's peer: it takes XDP_TX frames (GRO) and sends
         // complete checksums (no tx offload).
         client.exec("ethtool", &["-K", "eth0", "gro", "on", "tx", "off"])?;
-        node.sysctl("net.ipv4.ip_forward", "1")?;
-        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-        node.exec(
-            "iptables",
-            &[
-                "-A",
-                "FORWARD",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "INVALID",
-                "-j",
-                "DROP",
-            ],
-        )?;
-        let mut pods = Vec::new();
-        for (i, name) in pod_names.iter().enumerate() {
-            let pod = Pod {
-                name: name.to_string(),
-                ns: Netns::new("lbp")?,
-                ip: Ipv4Addr::new(10, 244, 0, 10 + i as u8),
-                host_iface: format!("lbp{i}"),
-            };
-            wire_pod(&node, &pod)?;
-            pods.push(pod);
-        }
-        let bpffs = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
-        let agent_log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
-        Ok(Self {
+        let client_dev = if peers.is_empty() {
+            "eth0"
+        } else {
+            client.ip(&["link", "add", "br0", "type", "bridge"])?;
+            client.ip(&["link", "set", "eth0", "master", "br0"])?;
+            client.ip(&["link", "set", "br0", "up"])?;
+            client.exec("ethtool", &["-K", "br0", "tx", "off"])?;
+            "br0"
+        };
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", client_dev])?;
+        client.ip(&["route", "add", "default", "via", &NODE_IP.to_string()])?;
+        node_settings(&node)?;
+        let pods = make_pods(&node, pod_names, 0)?;
+        let mut cluster = Self {
             client,
             node,
             pods,
-            bpffs,
-            agent: None,
-            agent_log,
+            bpffs: PathBuf::new(),
+            peers: Vec::new(),
+            agent: AgentRun::new(),
             lb: lb.to_path_buf(),
-        })
+        };
+        cluster.bpffs = cluster.agent.bpffs.clone();
+        for (i, names) in peers.iter().enumerate() {
+            cluster.add_peer(i as u8, names)?;
+        }
+        Ok(cluster)
     }
 
-    /// Starts TCP and UDP servers in every pod that answer with the pod's name: TCP once per
-    /// line received (so a connection can be kept open and probed), UDP per datagram.
+    fn add_peer(&mut self, i: u8, names: &[&str]) -> Result<()> {
+        let ns = Netns::new("lbn")?;
+        let ip = Ipv4Addr::new(192, 0, 2, 3 + i);
+        let port = format!("eth{}", i + 1);
+        veth(&ns, "up0", &self.client, &port)?;
+        self.client
+            .exec("ethtool", &["-K", &port, "gro", "on", "tx", "off"])?;
+        self.client.ip(&["link", "set", &port, "master", "br0"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "up0"])?;
+        node_settings(&ns)?;
+        let pods = make_pods(&ns, names, 1 + i)?;
+        // Host-gateway routes: every node reaches every other node's pods through it.
+        let all: Vec<(&Netns, Ipv4Addr, u8)> = std::iter::once((&self.node, NODE_IP, 0))
+            .chain(
+                self.peers
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| (&p.ns, p.ip, 1 + j as u8)),
+            )
+            .collect();
+        for (other, other_ip, subnet) in all {
+            let theirs = format!("10.244.{subnet}.0/24");
+            ns.ip(&["route", "add", &theirs, "via", &other_ip.to_string()])?;
+            let ours = format!("10.244.{}.0/24", 1 + i);
+            other.ip(&["route", "add", &ours, "via", &ip.to_string()])?;
+        }
+        self.peers.push(PeerNode {
+            name: format!("node{}", 2 + i),
+            ns,
+            ip,
+            pods,
+            agent: AgentRun::new(),
+        });
+        Ok(())
+    }
+
+    /// Starts TCP and UDP servers in every pod of every node that answer with the pod's
+    /// name: TCP once per line received (so a connection can be kept open and probed), UDP
+    /// per datagram. A TCP line `from?` is answered with the name and the peer address the
+    /// pod sees.
     pub fn start_servers(&self) -> Result<()> {
-        for pod in &self.pods {
+        let peer_pods = self.peers.iter().flat_map(|p| &p.pods);
+        for pod in self.pods.iter().chain(peer_pods) {
             let name = pod.name.clone();
             let (tx, rx) = std::sync::mpsc::channel();
             pod.ns.spawn(move || {
@@ -256,9 +336,15 @@ impl Cluster {
                 for conn in tcp.incoming().flatten() {
                     let name = name.clone();
                     thread::spawn(move || {
+                        let peer = conn.peer_addr().map(|a| a.ip().to_string());
                         let mut w = conn.try_clone().expect("clone stream");
                         for line in BufReader::new(conn).lines() {
-                            if line.is_err() || writeln!(w, "{name}").is_err() {
+                            let answer = match (line.as_deref(), &peer) {
+                                (Ok("from?"), Ok(peer)) => format!("{name} {peer}"),
+                                (Ok(_), _) => name.clone(),
+                                (Err(_), _) => break,
+                            };
+                            if writeln!(w, "{answer}").is_err() {
                                 break;
                             }
                         }
@@ -280,18 +366,112 @@ impl Cluster {
 
     /// Starts the agent with more flags after the usual ones.
     pub fn start_agent_with(&mut self, manifests: &Path, extra: &[&str]) -> Result<()> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.agent_log)?;
-        let child = self
-            .node
-            .command(&self.lb)
+        let last = self.pods.last().map(|p| p.host_iface.as_str());
+        self.agent
+            .start(&self.lb, &self.node, "node1", manifests, last, extra)
+    }
+
+    /// Starts every peer's agent on the same manifests.
+    pub fn start_peer_agents(&mut self, manifests: &Path) -> Result<()> {
+        for p in &mut self.peers {
+            let last = p.pods.last().map(|p| p.host_iface.as_str());
+            p.agent
+                .start(&self.lb, &p.ns, &p.name, manifests, last, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a pod's interfaces and creates them again under the same names, as a CNI does
+    /// when a pod is recreated, then waits for the agent to attach the new interface.
+    pub fn recreate_pod_interface(&self, pod: usize) -> Result<()> {
+        let p = &self.pods[pod];
+        let attached = format!("attached pod interface iface={}", p.host_iface);
+        let before = self.agent.log_count(&attached);
+        self.node.ip(&["link", "del", &p.host_iface])?;
+        wire_pod(&self.node, p)?;
+        self.agent.wait_log(&attached, before + 1)
+    }
+
+    /// Kills the agent without giving it a chance to clean up.
+    pub fn kill_agent(&mut self) {
+        self.agent.kill();
+    }
+
+    pub fn log(&self) -> String {
+        self.agent.log()
+    }
+
+    /// How many times the agent has said "synced" so far.
+    pub fn synced_count(&self) -> usize {
+        self.agent.synced_count()
+    }
+
+    pub fn wait_synced(&self, count: usize) -> Result<()> {
+        self.agent.wait_synced(count)
+    }
+
+    /// How many times each peer's agent has synced so far.
+    pub fn peers_synced(&self) -> Vec<usize> {
+        self.peers.iter().map(|p| p.agent.synced_count()).collect()
+    }
+
+    /// Waits until each peer's agent has synced once more than `before` counted.
+    pub fn wait_peers_synced(&self, before: &[usize]) -> Result<()> {
+        for (p, n) in self.peers.iter().zip(before) {
+            p.agent.wait_synced(n + 1)?;
+        }
+        Ok(())
+    }
+
+    /// `lb <sub> --bpffs <ours>` in the node namespace.
+    pub fn lb(&self, sub: &str, extra: &[&str]) -> Result<String> {
+        self.agent.lb(&self.lb, &self.node, sub, extra)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let lb = self.lb.clone();
+        self.agent.stop(&lb, &self.node);
+        for p in &mut self.peers {
+            p.agent.stop(&lb, &p.ns);
+        }
+    }
+}
+
+/// One node's agent process, its pin directory and its log.
+struct AgentRun {
+    bpffs: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl AgentRun {
+    fn new() -> Self {
+        Self {
+            bpffs: PathBuf::from("/sys/fs/bpf").join(unique("lbt")),
+            log: std::env::temp_dir().join(format!("{}.log", unique("lb-agent"))),
+            child: None,
+        }
+    }
+
+    fn start(
+        &mut self,
+        lb: &Path,
+        ns: &Netns,
+        node_name: &str,
+        manifests: &Path,
+        last_pod_iface: Option<&str>,
+        extra: &[&str],
+    ) -> Result<()> {
+        let log = File::options().create(true).append(true).open(&self.log)?;
+        let child = ns
+            .command(lb)
             .args(["agent", "--source"])
             .arg(format!("file:{}", manifests.display()))
             .args([
                 "--node-name",
-                "node1",
+                node_name,
                 "--external-iface",
                 "up0",
                 "--pod-iface",
@@ -315,39 +495,34 @@ impl Cluster {
         // The pod interfaces are attached right after the first sync.
         let attached = format!(
             "attached pod interface iface={}",
-            self.pods.last().map_or("", |p| &p.host_iface)
+            last_pod_iface.unwrap_or("")
         );
         let attached_before = self.log_count(&attached);
-        self.agent = Some(child);
+        self.child = Some(child);
         self.wait_synced(synced_before + 1)?;
         self.wait_log(&attached, attached_before + 1)
     }
 
-    /// Deletes a pod's interfaces and creates them again under the same names, as a CNI does
-    /// when a pod is recreated, then waits for the agent to attach the new interface.
-    pub fn recreate_pod_interface(&self, pod: usize) -> Result<()> {
-        let p = &self.pods[pod];
-        let attached = format!("attached pod interface iface={}", p.host_iface);
-        let before = self.log_count(&attached);
-        self.node.ip(&["link", "del", &p.host_iface])?;
-        wire_pod(&self.node, p)?;
-        self.wait_log(&attached, before + 1)
-    }
-
-    /// Kills the agent without giving it a chance to clean up.
-    pub fn kill_agent(&mut self) {
-        if let Some(mut c) = self.agent.take() {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.agent_log).unwrap_or_default()
+    /// Kills the agent and removes everything it left in place.
+    fn stop(&mut self, lb: &Path, ns: &Netns) {
+        self.kill();
+        let _ = self.lb(lb, ns, "reset", &[]);
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_file(&self.log);
     }
 
-    /// How many times the agent has said "synced" so far.
-    pub fn synced_count(&self) -> usize {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn synced_count(&self) -> usize {
         self.log_count(" synced")
     }
 
@@ -355,7 +530,7 @@ impl Cluster {
         self.log().lines().filter(|l| l.contains(needle)).count()
     }
 
-    pub fn wait_synced(&self, count: usize) -> Result<()> {
+    fn wait_synced(&self, count: usize) -> Result<()> {
         self.wait_until(|| self.synced_count() >= count)
             .with_context(|| format!("agent did not sync; log:\n{}", self.log()))
     }
@@ -377,11 +552,10 @@ impl Cluster {
         bail!("timed out")
     }
 
-    /// `lb <sub> --bpffs <ours>` in the node namespace.
-    pub fn lb(&self, sub: &str, extra: &[&str]) -> Result<String> {
-        sh(self
-            .node
-            .command(&self.lb)
+    /// `lb <sub> --bpffs <ours>` in the node's namespace.
+    fn lb(&self, lb: &Path, ns: &Netns, sub: &str, extra: &[&str]) -> Result<String> {
+        sh(ns
+            .command(lb)
             .arg(sub)
             .arg("--bpffs")
             .arg(&self.bpffs)
@@ -389,12 +563,10 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.kill_agent();
-        let _ = self.lb("reset", &[]);
-        let _ = std::fs::remove_dir_all(&self.bpffs);
-        let _ = std::fs::remove_file(&self.agent_log);
+impl PeerNode {
+    /// `lb <sub>` against this node's agent.
+    pub fn lb(&self, lb: &Path, sub: &str, extra: &[&str]) -> Result<String> {
+        self.agent.lb(lb, &self.ns, sub, extra)
     }
 }
 

@@ -984,3 +984,145 @@ fn a_pod_reaching_its_own_service_is_answered_by_itself() {
     let other = s.cluster.pods[1].ns.run(move || tcp_request(to)).unwrap();
     assert_eq!(other.expect("another pod"), "pod-a");
 }
+
+/// One `from?` request over a new TCP connection: "<pod> <address the pod saw>".
+fn ask_from(to: SocketAddr) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    c.set_read_timeout(Some(Duration::from_secs(3)))?;
+    c.write_all(b"from?\n")?;
+    let mut line = String::new();
+    BufReader::new(c).read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
+const REMOTE_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
+const LOCAL_NODE_PORT: u16 = 30096;
+const LOCAL_HEALTH_PORT: u16 = 32101;
+
+/// A ClusterIP and a Local LoadBalancer whose one endpoint, `pod`, runs on node2.
+fn two_node_manifest(pod: Ipv4Addr) -> String {
+    let slice = |name: &str| {
+        format!(
+            r#"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-abc
+  namespace: demo
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+endpoints:
+- addresses: ["{pod}"]
+  nodeName: node2
+  conditions: {{ready: true}}
+"#
+        )
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: remote, namespace: demo}}
+spec:
+  clusterIP: {REMOTE_CLUSTER_IP}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: local-lb, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.81
+  externalTrafficPolicy: Local
+  healthCheckNodePort: {LOCAL_HEALTH_PORT}
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {LOCAL_NODE_PORT}}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: "203.0.113.40"}}]
+{}"#,
+        slice("remote"),
+        slice("local-lb")
+    )
+}
+
+/// The status code of GET / on `to`, from the client.
+fn health_status(cluster: &Cluster, to: SocketAddr) -> u16 {
+    cluster
+        .client
+        .run(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).ok()?;
+            c.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+            c.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut text = String::new();
+            c.read_to_string(&mut text).ok()?;
+            text.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap()
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn two_nodes_east_west_and_local_traffic_policy() {
+    let mut cluster = Cluster::with_peers(&lb_bin(), &["client"], &[&["pod-b"]]).expect("topology");
+    cluster.start_servers().expect("servers");
+    let pod_b = cluster.peers[0].pods[0].ip;
+    let node2 = cluster.peers[0].ip;
+    let client_pod = cluster.pods[0].ip;
+    let file = std::env::temp_dir().join(format!("{}.yaml", testbed::unique("lbm")));
+    std::fs::write(&file, two_node_manifest(pod_b)).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _file = Remove(file.clone());
+    cluster.start_agent(&file).expect("node1 agent");
+    cluster.start_peer_agents(&file).expect("node2 agent");
+
+    // East-west: a pod on node1 reaches a ClusterIP served on node2, which sees the pod's
+    // own address; the reply is reverse-NATed on node1 (else the connect would fail).
+    let to = SocketAddr::from((REMOTE_CLUSTER_IP, 80));
+    let answer = cluster.pods[0].ns.run(move || ask_from(to)).unwrap();
+    assert_eq!(
+        answer.expect("ClusterIP across nodes"),
+        format!("pod-b {client_pod}")
+    );
+
+    // externalTrafficPolicy Local: the node with the endpoint serves with the client's
+    // address kept; the other drops.
+    let on_node2 = SocketAddr::from((node2, LOCAL_NODE_PORT));
+    let answer = cluster.client.run(move || ask_from(on_node2)).unwrap();
+    assert_eq!(
+        answer.expect("NodePort on the node with the endpoint"),
+        format!("pod-b {}", testbed::CLIENT_IP)
+    );
+    let on_node1 = SocketAddr::from((NODE_IP, LOCAL_NODE_PORT));
+    let e = cluster
+        .client
+        .run(move || ask_from(on_node1))
+        .unwrap()
+        .expect_err("no local endpoint on node1");
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "dropped, not refused: {e}");
+    // Pods of the cluster are treated as Cluster: node1's NodePort takes them to node2.
+    let answer = cluster.pods[0].ns.run(move || ask_from(on_node1)).unwrap();
+    assert_eq!(
+        answer.expect("in-cluster client of a Local NodePort"),
+        format!("pod-b {client_pod}")
+    );
+
+    // healthCheckNodePort: 200 where the endpoint is, 503 elsewhere.
+    assert_eq!(
+        health_status(&cluster, SocketAddr::from((node2, LOCAL_HEALTH_PORT))),
+        200
+    );
+    assert_eq!(
+        health_status(&cluster, SocketAddr::from((NODE_IP, LOCAL_HEALTH_PORT))),
+        503
+    );
+}
