@@ -18,6 +18,8 @@ pub const SOURCE_RANGES: u32 = 16_384;
 pub const AFFINITY: u32 = 65_536;
 /// Sockets translated by the socket programs, remembered for their replies' source.
 pub const SOCK_REVNAT: u32 = 65_536;
+/// Source-NATed flows to backends on other nodes.
+pub const SNAT: u32 = 131_072;
 /// Per-service counters are indexed by service id, so this is also the id space.
 pub const SERVICE_STATS: u32 = SERVICES;
 

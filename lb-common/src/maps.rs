@@ -10,6 +10,8 @@ pub const NODE_ADDRESSES: &str = "NODE_ADDRS";
 pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 pub const AFFINITY: &str = "AFFINITY";
 pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
+pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
+pub const SNAT: &str = "SNAT";
 pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 pub const CONFIG: &str = "CONFIG";
 pub const SERVICE_STATS: &str = "SVC_STATS";
@@ -17,7 +19,7 @@ pub const VERDICT_STATS: &str = "VERDICT_STATS";
 pub const DROP_STATS: &str = "DROP_STATS";
 
 /// Every map the programs declare, in the order `lb reset` and layout checks walk them.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 16] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -28,6 +30,8 @@ pub const ALL: [&str; 14] = [
     AFFINITY,
     SOCK_CONFIG,
     SOCK_REVNAT,
+    SNAT_CONFIG,
+    SNAT,
     CONFIG,
     SERVICE_STATS,
     VERDICT_STATS,

@@ -47,7 +47,11 @@ pub mod drop_reason {
     pub const REWRITE_FAILED: u32 = 5;
     /// Source address outside loadBalancerSourceRanges.
     pub const SOURCE_RANGE: u32 = 6;
-    pub const COUNT: u32 = 8;
+    /// No free SNAT source port for a flow to a backend on another node.
+    pub const SNAT_EXHAUSTED: u32 = 7;
+    /// A translated packet for another node found no route out of this one.
+    pub const NO_ROUTE: u32 = 8;
+    pub const COUNT: u32 = 16;
     pub const NAMES: [&str; COUNT as usize] = [
         "no_local_endpoint",
         "malformed",
@@ -56,6 +60,14 @@ pub mod drop_reason {
         "reject_failed",
         "rewrite_failed",
         "source_range",
+        "snat_exhausted",
+        "no_route",
+        "unused",
+        "unused",
+        "unused",
+        "unused",
+        "unused",
+        "unused",
         "unused",
     ];
 }

@@ -207,6 +207,9 @@ pub mod ct_flags {
     /// A pod reaching its own service and given itself as the backend: the flow is also
     /// source-NATed to the service-loopback address, so the pod answers through the node.
     pub const HAIRPIN: u8 = 1 << 0;
+    /// A flow from outside to a backend on another node: source-NATed to the node's
+    /// address and `snat_port`, forwarded from XDP.
+    pub const SNAT: u8 = 1 << 1;
 }
 
 /// TCP state tracked per flow, which chooses the entry's lifetime.
@@ -231,7 +234,8 @@ pub struct CtValue {
     pub backend_id: u32,
     pub nat_addr: u32,
     pub nat_port: u16,
-    _pad1: u16,
+    /// The source port a SNAT flow was given (wire order), with [`ct_flags::SNAT`].
+    pub snat_port: u16,
     /// `bpf_ktime_get_ns` of the last packet; an entry older than its lifetime is ignored.
     pub last_seen_ns: u64,
 }
@@ -256,10 +260,32 @@ impl CtValue {
             backend_id,
             nat_addr,
             nat_port,
-            _pad1: 0,
+            snat_port: 0,
             last_seen_ns,
         }
     }
+}
+
+/// The single entry of SNAT_CONFIG: how flows to backends on other nodes are source-NATed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatConfig {
+    /// The node address flows get as their source (wire order); 0 turns SNAT off.
+    pub addr: u32,
+    /// The source ports handed out, inclusive, in host order.
+    pub port_min: u16,
+    pub port_max: u16,
+}
+
+/// SNAT value, keyed by a reply's tuple as it arrives (backend -> node address:port):
+/// the client to restore as the destination and the frontend as the source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatValue {
+    pub client_addr: u32,
+    pub front_addr: u32,
+    pub client_port: u16,
+    pub front_port: u16,
 }
 
 /// Identifies an IPv4 datagram whose first fragment was translated.
@@ -477,6 +503,8 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SockConfig>() == 24);
+    assert!(size_of::<SnatConfig>() == 8);
+    assert!(size_of::<SnatValue>() == 12);
     assert!(size_of::<SockRevKey>() == 16);
     assert!(size_of::<SockRevValue>() == 8);
     assert!(size_of::<Config>() == 32);
@@ -498,6 +526,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockConfig {}
+    unsafe impl aya::Pod for SnatConfig {}
+    unsafe impl aya::Pod for SnatValue {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for Config {}

@@ -52,6 +52,7 @@ pub fn lookup(client: u32, svc: &ServiceValue, now: u64) -> Option<Choice> {
         id,
         addr: b.addr,
         port: b.port,
+        local: b.flags & backend_flags::LOCAL != 0,
     })
 }
 

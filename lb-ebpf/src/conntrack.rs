@@ -81,10 +81,18 @@ fn key_of(flow: &Flow) -> CtKey {
     CtKey::new(flow.src, flow.dst, flow.sport, flow.dport, flow.proto)
 }
 
-/// The backend of an existing flow of service `service_id` and the entry's `ct_flags`,
-/// refreshing its entries.
+/// An existing flow's translation.
+pub struct Existing {
+    pub addr: u32,
+    pub port: u16,
+    /// `ct_flags`.
+    pub flags: u8,
+    pub snat_port: u16,
+}
+
+/// The backend of an existing flow of service `service_id`, refreshing its entries.
 #[inline(always)]
-pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<(u32, u16, u8)> {
+pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<Existing> {
     let ct = CONNTRACK.get_ptr_mut(&key_of(flow))?;
     let ct = unsafe { &mut *ct };
     if ct.kind != ct_kind::FORWARD
@@ -105,30 +113,32 @@ pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<(u32, u16, u8)>
         ct.last_seen_ns = now;
         refresh_reply(flow, ct, now);
     }
-    Some((ct.nat_addr, ct.nat_port, ct.flags))
+    Some(Existing {
+        addr: ct.nat_addr,
+        port: ct.nat_port,
+        flags: ct.flags,
+        snat_port: ct.snat_port,
+    })
 }
 
-/// The client's address as the backend sees it: its own, or the service-loopback
-/// address for a hairpinned flow.
+/// The client's address and port as the backend sees them: its own, the
+/// service-loopback address for a hairpinned flow, the node's for a SNAT one.
 #[inline(always)]
-fn seen_src(flow: &Flow, flags: u8) -> u32 {
+fn seen_src(flow: &Flow, flags: u8, snat_port: u16) -> (u32, u16) {
     if flags & lb_common::ct_flags::HAIRPIN != 0 {
-        hairpin_addr()
+        (hairpin_addr(), flow.sport)
+    } else if flags & lb_common::ct_flags::SNAT != 0 {
+        (crate::snat::addr(), snat_port)
     } else {
-        flow.src
+        (flow.src, flow.sport)
     }
 }
 
 /// Keeps the reply entry alive as long as the forward direction is.
 #[inline(always)]
 fn refresh_reply(flow: &Flow, ct: &CtValue, now: u64) {
-    let rev_key = CtKey::new(
-        ct.nat_addr,
-        seen_src(flow, ct.flags),
-        ct.nat_port,
-        flow.sport,
-        flow.proto,
-    );
+    let (src, sport) = seen_src(flow, ct.flags, ct.snat_port);
+    let rev_key = CtKey::new(ct.nat_addr, src, ct.nat_port, sport, flow.proto);
     if let Some(rev) = CONNTRACK.get_ptr_mut(&rev_key) {
         unsafe {
             (*rev).last_seen_ns = now;
@@ -141,7 +151,7 @@ fn refresh_reply(flow: &Flow, ct: &CtValue, now: u64) {
 /// under the backend's, which restores the frontend as the reply's source. `flags` are
 /// [`lb_common::ct_flags`].
 #[inline(always)]
-pub fn create(flow: &Flow, service_id: u32, backend: &Choice, flags: u8, now: u64) {
+pub fn create(flow: &Flow, service_id: u32, backend: &Choice, flags: u8, snat_port: u16, now: u64) {
     let state = next_tcp_state(tcp_state::OPENING, flow.tcp_flags);
     let mut fwd = CtValue::new(
         ct_kind::FORWARD,
@@ -163,22 +173,20 @@ pub fn create(flow: &Flow, service_id: u32, backend: &Choice, flags: u8, now: u6
     );
     fwd.flags = flags;
     rev.flags = flags;
-    let rev_key = CtKey::new(
-        backend.addr,
-        seen_src(flow, flags),
-        backend.port,
-        flow.sport,
-        flow.proto,
-    );
+    fwd.snat_port = snat_port;
+    rev.snat_port = snat_port;
+    let (src, sport) = seen_src(flow, flags, snat_port);
+    let rev_key = CtKey::new(backend.addr, src, backend.port, sport, flow.proto);
     // An LRU map evicts instead of failing; a failed insert only loses this flow's state.
     let _ = CONNTRACK.insert(&rev_key, &rev, 0);
     let _ = CONNTRACK.insert(&key_of(flow), &fwd, 0);
 }
 
 /// The frontend to restore as the source of a reply (address, port, service id, flags),
-/// if the packet is a reply of a translated flow. A reply establishes an opening TCP flow.
+/// if the packet is a reply of a translated flow. `client` is the flow's client as it sent
+/// its packets (address, port). A reply establishes an opening TCP flow.
 #[inline(always)]
-pub fn reply(flow: &Flow, now: u64) -> Option<(u32, u16, u32, u8)> {
+pub fn reply(flow: &Flow, client: (u32, u16), now: u64) -> Option<(u32, u16, u32, u8)> {
     let ct = CONNTRACK.get_ptr_mut(&key_of(flow))?;
     let ct = unsafe { &mut *ct };
     if ct.kind != ct_kind::REPLY || !live(ct, flow.proto, now) {
@@ -187,14 +195,7 @@ pub fn reply(flow: &Flow, now: u64) -> Option<(u32, u16, u32, u8)> {
     let mut state = ct.tcp_state;
     if flow.proto == proto::TCP && state == tcp_state::OPENING {
         state = tcp_state::ESTABLISHED;
-        // A hairpinned reply goes to the service-loopback address; its client is the
-        // backend itself.
-        let client = if ct.flags & lb_common::ct_flags::HAIRPIN != 0 {
-            flow.src
-        } else {
-            flow.dst
-        };
-        let fwd_key = CtKey::new(client, ct.nat_addr, flow.dport, ct.nat_port, flow.proto);
+        let fwd_key = CtKey::new(client.0, ct.nat_addr, client.1, ct.nat_port, flow.proto);
         if let Some(fwd) = CONNTRACK.get_ptr_mut(&fwd_key) {
             unsafe {
                 if (*fwd).tcp_state == tcp_state::OPENING {

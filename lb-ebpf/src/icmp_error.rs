@@ -70,6 +70,10 @@ pub fn translate(data: usize, data_end: usize, flow: &Flow, kind: u8) -> Option<
     // The quoted packet travelled the other way: its reversed tuple is the entry's key.
     let key = CtKey::new(dst, src, dport, sport, inner_proto);
     let ct = conntrack::quoted(&key, kind, conntrack::now())?;
+    // Errors about flows translated at both ends are left to the endpoints' timeouts.
+    if ct.flags != 0 {
+        return None;
+    }
     let icmp_csum: *mut u16 = ptr_at(data, data_end, flow.l4_off + 2)?;
     let outer_csum: *mut u16 = ptr_at(data, data_end, flow.l3_off + 10)?;
 

@@ -7,6 +7,7 @@
 mod affinity;
 mod conntrack;
 mod csum;
+mod fib;
 mod fragments;
 mod icmp_error;
 mod maps;
@@ -15,6 +16,7 @@ mod parse;
 mod reject;
 mod select;
 mod service;
+mod snat;
 mod socket_lb;
 mod source_range;
 mod stats;
@@ -28,12 +30,13 @@ use aya_ebpf::{
 use lb_common::{
     ct_flags, ct_kind, proto, scope,
     stats::{drop_reason, verdict},
+    SnatValue,
 };
 
 use crate::{
     nat::{End, Rewrite},
     parse::{parse, Flow, Unparsed},
-    service::Forward,
+    service::{Forward, Route},
     stats::{count_drop, count_service, count_verdict},
 };
 
@@ -43,6 +46,8 @@ enum Outcome {
     Translated,
     /// Translated, and to be sent back out of the interface it came in on (hairpin).
     Hairpin,
+    /// Translated, and to be sent to its next hop as the FIB says (SNAT, from XDP).
+    Fib,
     Reject,
     Drop,
 }
@@ -117,6 +122,11 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
     if scope_nr == scope::INTERNAL && flow.dst == conntrack::hairpin_addr() {
         return hairpin_reply(ctx, flow, bytes);
     }
+    if scope_nr == scope::EXTERNAL {
+        if let Some(t) = snat::reverse(flow) {
+            return snat_reply(ctx, flow, &t, bytes);
+        }
+    }
     match service::forward(flow, scope_nr) {
         Forward::Pass => Outcome::Pass,
         Forward::Dnat {
@@ -124,23 +134,24 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
             port,
             service,
             snat,
+            route,
         } => {
             count_service(service, bytes);
             if ctx.rewrite(flow, End::Dst, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
                 return Outcome::Drop;
             }
-            let src = snat.unwrap_or(flow.src);
-            if snat.is_some() && ctx.rewrite(flow, End::Src, src, flow.sport).is_err() {
+            let (src, sport) = snat.unwrap_or((flow.src, flow.sport));
+            if snat.is_some() && ctx.rewrite(flow, End::Src, src, sport).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
                 return Outcome::Drop;
             }
             fragments::remember(flow, src, addr);
             count_verdict(verdict::DNAT, bytes);
-            if snat.is_some() {
-                Outcome::Hairpin
-            } else {
-                Outcome::Translated
+            match route {
+                Route::Stack => Outcome::Translated,
+                Route::Hairpin => Outcome::Hairpin,
+                Route::Fib => Outcome::Fib,
             }
         }
         Forward::Reject { service } => {
@@ -160,7 +171,7 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
 /// destination) and the packet goes straight back to the pod.
 #[inline(always)]
 fn hairpin_reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
-    match conntrack::reply(flow, conntrack::now()) {
+    match conntrack::reply(flow, (flow.src, flow.dport), conntrack::now()) {
         Some((addr, port, service, flags)) if flags & ct_flags::HAIRPIN != 0 => {
             let ok = ctx.rewrite(flow, End::Src, addr, port).is_ok()
                 && ctx.rewrite(flow, End::Dst, flow.src, flow.dport).is_ok();
@@ -177,6 +188,29 @@ fn hairpin_reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
     }
 }
 
+/// A backend's answer on another node to a SNAT flow, arriving at this node's address:
+/// the frontend becomes the source and the client the destination again, and it goes back
+/// out towards the client.
+#[inline(always)]
+fn snat_reply<C: Rewrite>(ctx: &C, flow: &Flow, t: &SnatValue, bytes: u64) -> Outcome {
+    let client = (t.client_addr, t.client_port);
+    let Some((addr, port, service, _)) = conntrack::reply(flow, client, conntrack::now()) else {
+        return Outcome::Pass;
+    };
+    let ok = ctx.rewrite(flow, End::Src, addr, port).is_ok()
+        && ctx
+            .rewrite(flow, End::Dst, t.client_addr, t.client_port)
+            .is_ok();
+    if !ok {
+        count_drop(drop_reason::REWRITE_FAILED);
+        return Outcome::Drop;
+    }
+    fragments::remember(flow, addr, t.client_addr);
+    count_service(service, bytes);
+    count_verdict(verdict::REVERSE_NAT, bytes);
+    Outcome::Fib
+}
+
 /// Reverse NAT of replies; shared by both egress programs.
 #[inline(always)]
 fn reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
@@ -189,7 +223,7 @@ fn reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
     if !translates(flow) {
         return Outcome::Pass;
     }
-    match conntrack::reply(flow, conntrack::now()) {
+    match conntrack::reply(flow, (flow.dst, flow.dport), conntrack::now()) {
         Some((addr, port, service, _)) => {
             if ctx.rewrite(flow, End::Src, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
@@ -217,6 +251,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match forward(&ctx, &flow, scope::EXTERNAL, bytes) {
         // Hairpin needs a pod as the client: it never happens on an uplink.
         Outcome::Pass | Outcome::Translated | Outcome::Hairpin => xdp_action::XDP_PASS,
+        Outcome::Fib => {
+            let action = fib::xdp_send(&ctx, &flow);
+            if action == xdp_action::XDP_DROP {
+                count_verdict(verdict::DROP, bytes);
+            }
+            action
+        }
         Outcome::Drop => {
             count_verdict(verdict::DROP, bytes);
             xdp_action::XDP_DROP
@@ -276,7 +317,8 @@ fn xdp_reject(ctx: &XdpContext, flow: &Flow) -> Option<()> {
 #[inline(always)]
 fn tc_verdict(outcome: Outcome, ctx: &TcContext, flow: &Flow, bytes: u64) -> i32 {
     match outcome {
-        Outcome::Pass | Outcome::Translated => TC_ACT_OK,
+        // SNAT flows are only made by XDP, which sends them itself.
+        Outcome::Pass | Outcome::Translated | Outcome::Fib => TC_ACT_OK,
         Outcome::Hairpin => {
             if reject::swap_macs(ctx.data(), ctx.data_end()).is_none() {
                 count_drop(drop_reason::REWRITE_FAILED);
@@ -351,6 +393,13 @@ pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_pod_egress(ctx: TcContext) -> i32 {
     egress(ctx)
+}
+
+/// Ingress of an uplink: packets XDP translated for another node whose next hop must
+/// first be resolved.
+#[classifier]
+pub fn lb_uplink_ingress(ctx: TcContext) -> i32 {
+    fib::tc_send_marked(&ctx)
 }
 
 /// Egress of an uplink: replies leaving the node.

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, stats, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
-    FragKey, FragValue, ServiceKey, ServiceValue, SockConfig, SockRevKey, SockRevValue,
-    SourceRangeKey,
+    FragKey, FragValue, ServiceKey, ServiceValue, SnatConfig, SnatValue, SockConfig, SockRevKey,
+    SockRevValue, SourceRangeKey,
 };
 
 #[map]
@@ -33,6 +33,10 @@ pub static SOCK_CONFIG: Array<SockConfig> = Array::pinned(1, 0);
 #[map]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::pinned(capacity::SOCK_REVNAT, 0);
+#[map]
+pub static SNAT_CONFIG: Array<SnatConfig> = Array::pinned(1, 0);
+#[map]
+pub static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNAT, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]

@@ -81,6 +81,8 @@ pub struct Choice {
     pub id: u32,
     pub addr: u32,
     pub port: u16,
+    /// The backend runs on this node.
+    pub local: bool,
 }
 
 /// Under session affinity only the client address counts, so that a client's connections
@@ -119,5 +121,6 @@ pub fn select_by_hash(hash: u32, svc: &ServiceValue) -> Result<Choice, u32> {
         id,
         addr: backend.addr,
         port: backend.port,
+        local: backend.flags & lb_common::backend_flags::LOCAL != 0,
     })
 }

@@ -8,19 +8,30 @@ use crate::{
     affinity, conntrack,
     parse::Flow,
     select::{frontend, known_cluster_ip, select},
-    source_range,
+    snat, source_range,
 };
+
+/// Where a translated packet goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// On to this node's stack: the backend is local.
+    Stack,
+    /// Back out of the interface it came in on, to the pod that sent it (hairpin).
+    Hairpin,
+    /// Out towards another node, by the FIB (a SNAT flow).
+    Fib,
+}
 
 pub enum Forward {
     /// Not a service: leave the packet alone.
     Pass,
-    /// Send to this backend; a hairpinned flow also gets the service-loopback address
-    /// as its source (`snat`).
+    /// Send to this backend; with `snat`, also from this source (address, port).
     Dnat {
         addr: u32,
         port: u16,
         service: u32,
-        snat: Option<u32>,
+        snat: Option<(u32, u16)>,
+        route: Route,
     },
     Reject {
         service: u32,
@@ -53,12 +64,14 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
         };
     }
     let now = conntrack::now();
-    if let Some((addr, port, flags)) = conntrack::forward(flow, svc.id, now) {
+    if let Some(e) = conntrack::forward(flow, svc.id, now) {
+        let (snat, route) = translation(flow, e.flags, e.snat_port);
         return Forward::Dnat {
-            addr,
-            port,
+            addr: e.addr,
+            port: e.port,
             service: svc.id,
-            snat: hairpin_snat(flags),
+            snat,
+            route,
         };
     }
     if svc.backend_count == 0 {
@@ -93,22 +106,46 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
     }
     // A pod given itself as the backend would see a packet from its own address and drop
     // it; from the service-loopback address it answers, and the answer comes back through
-    // the node to be translated.
-    let flags = if backend.addr == flow.src {
-        ct_flags::HAIRPIN
+    // the node to be translated. A flow from outside to another node's pod leaves with
+    // this node's address, so that its answer comes back here.
+    let (flags, snat_port) = if backend.addr == flow.src {
+        (ct_flags::HAIRPIN, 0)
+    } else if scope_nr == scope::EXTERNAL && !backend.local {
+        match snat::allocate(flow, &backend, now) {
+            Ok(Some(port)) => (ct_flags::SNAT, port),
+            Ok(None) => (0, 0),
+            Err(()) => {
+                return Forward::Drop {
+                    service: svc.id,
+                    reason: drop_reason::SNAT_EXHAUSTED,
+                }
+            }
+        }
     } else {
-        0
+        (0, 0)
     };
-    conntrack::create(flow, svc.id, &backend, flags, now);
+    conntrack::create(flow, svc.id, &backend, flags, snat_port, now);
+    let (snat, route) = translation(flow, flags, snat_port);
     Forward::Dnat {
         addr: backend.addr,
         port: backend.port,
         service: svc.id,
-        snat: hairpin_snat(flags),
+        snat,
+        route,
     }
 }
 
+/// The source rewrite and the route a flow's `ct_flags` call for.
 #[inline(always)]
-fn hairpin_snat(flags: u8) -> Option<u32> {
-    (flags & ct_flags::HAIRPIN != 0).then(conntrack::hairpin_addr)
+fn translation(flow: &Flow, flags: u8, snat_port: u16) -> (Option<(u32, u16)>, Route) {
+    if flags & ct_flags::HAIRPIN != 0 {
+        (
+            Some((conntrack::hairpin_addr(), flow.sport)),
+            Route::Hairpin,
+        )
+    } else if flags & ct_flags::SNAT != 0 {
+        (Some((snat::addr(), snat_port)), Route::Fib)
+    } else {
+        (None, Route::Stack)
+    }
 }

@@ -122,11 +122,13 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let mut dp = Datapath::load(&args.pins.bpffs)?;
     for iface in &uplinks {
         let mode = dp.attach_xdp(iface, args.xdp_mode)?;
+        dp.attach_tc(iface, "lb_uplink_ingress", false)?;
         dp.attach_tc(iface, "lb_uplink_egress", true)?;
         tracing::info!(iface, xdp_mode = %mode, "attached uplink");
     }
     let node = node_context(&args, &uplinks)?;
     tracing::info!(node = %node.node_name, addresses = ?node.node_addresses, "node");
+    configure_snat(&dp, &args, &node)?;
     if args.socket_lb {
         let cgroup = socket_lb::cgroup_root(args.cgroup.as_deref())?;
         let cookie = dp
@@ -191,6 +193,25 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // The data path stays: pinned maps, pinned XDP links and netlink TC filters.
     tracing::info!("stopping; the data path stays in place");
     Ok(())
+}
+
+/// Flows from outside to backends on other nodes leave with the node's first address.
+fn configure_snat(dp: &Datapath, args: &AgentArgs, node: &NodeContext) -> anyhow::Result<()> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let mut nums = range
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u16>().ok());
+    let ephemeral = (nums.next().unwrap_or(32768), nums.next().unwrap_or(60999));
+    crate::cli::check_snat_ports(args.snat_ports, ephemeral)?;
+    let addr = node.node_addresses.first().copied();
+    if addr.is_none() {
+        tracing::warn!("no node address: flows to backends on other nodes are not source-NATed");
+    }
+    dp.configure_snat(lb_common::SnatConfig {
+        addr: addr.map_or(0, |a| lb_common::addr::ipv4(a.octets())),
+        port_min: args.snat_ports.0,
+        port_max: args.snat_ports.1,
+    })
 }
 
 /// Attaches the pod programs to every interface that matches a pattern and is not attached

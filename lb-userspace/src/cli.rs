@@ -88,6 +88,11 @@ pub struct AgentArgs {
     /// see them.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub socket_lb: bool,
+    /// Source ports for flows from outside to backends on other nodes, which leave with this
+    /// node's address (MIN-MAX). Must overlap neither the NodePort range nor the host's
+    /// ephemeral ports (net.ipv4.ip_local_port_range).
+    #[arg(long, value_parser = parse_port_range, default_value = "61000-65535")]
+    pub snat_ports: (u16, u16),
     /// The source address a pod sees when it reaches its own service and is chosen as the
     /// backend (hairpin). Link-local, so that no pod or node owns it.
     #[arg(long, default_value = "169.254.42.1")]
@@ -138,6 +143,47 @@ impl Lifetimes {
             secs("other", self.other)?,
         ))
     }
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not MIN-MAX"))?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?,
+        b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?,
+    );
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: need 0 < MIN <= MAX"));
+    }
+    Ok((a, b))
+}
+
+/// kube-proxy's default NodePort range.
+pub const NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
+
+/// Checks that the SNAT ports collide neither with NodePorts nor with `ephemeral`.
+pub fn check_snat_ports(snat: (u16, u16), ephemeral: (u16, u16)) -> anyhow::Result<()> {
+    let overlaps = |a: (u16, u16), b: (u16, u16)| a.0 <= b.1 && b.0 <= a.1;
+    if overlaps(snat, NODE_PORT_RANGE) {
+        anyhow::bail!(
+            "--snat-ports {}-{} overlaps the NodePort range {}-{}",
+            snat.0,
+            snat.1,
+            NODE_PORT_RANGE.0,
+            NODE_PORT_RANGE.1
+        );
+    }
+    if overlaps(snat, ephemeral) {
+        anyhow::bail!(
+            "--snat-ports {}-{} overlaps the host's ephemeral ports {}-{} (net.ipv4.ip_local_port_range)",
+            snat.0,
+            snat.1,
+            ephemeral.0,
+            ephemeral.1
+        );
+    }
+    Ok(())
 }
 
 impl AgentArgs {
@@ -265,6 +311,20 @@ mod tests {
         assert!(args(&["--ct-udp", "soon"]).is_err());
         let zero = args(&["--ct-other", "0s"]).unwrap().lifetimes.config();
         assert!(zero.unwrap_err().to_string().contains("--ct-other"));
+    }
+
+    #[test]
+    fn snat_ports_are_a_range_clear_of_node_ports_and_ephemeral_ports() {
+        assert_eq!(parse_port_range("61000-65535"), Ok((61000, 65535)));
+        assert!(parse_port_range("9-3").is_err());
+        assert!(parse_port_range("0-3").is_err());
+        assert!(parse_port_range("100").is_err());
+        let eph = (32768, 60999);
+        check_snat_ports((61000, 65535), eph).unwrap();
+        let e = check_snat_ports((30500, 30600), eph).unwrap_err();
+        assert!(e.to_string().contains("NodePort"), "{e}");
+        let e = check_snat_ports((60000, 61000), eph).unwrap_err();
+        assert!(e.to_string().contains("ephemeral"), "{e}");
     }
 
     #[test]

@@ -143,7 +143,12 @@ impl Datapath {
         };
         let xdp: &mut Xdp = dp.program("lb_xdp")?;
         xdp.load().context("load lb_xdp")?;
-        for name in ["lb_pod_ingress", "lb_pod_egress", "lb_uplink_egress"] {
+        for name in [
+            "lb_pod_ingress",
+            "lb_pod_egress",
+            "lb_uplink_ingress",
+            "lb_uplink_egress",
+        ] {
             let p: &mut SchedClassifier = dp.program(name)?;
             p.load().with_context(|| format!("load {name}"))?;
         }
@@ -190,6 +195,14 @@ impl Datapath {
     ) -> anyhow::Result<u64> {
         crate::socket_lb::attach(&mut self.ebpf, &self.dir.join(LINKS), cgroup)?;
         crate::socket_lb::configure(&self.dir, node_addr)
+    }
+
+    /// How flows to backends on other nodes are source-NATed.
+    pub fn configure_snat(&self, config: lb_common::SnatConfig) -> anyhow::Result<()> {
+        let mut map: Array<_, lb_common::SnatConfig> =
+            crate::sync::open_pin(&self.dir, maps::SNAT_CONFIG)?.try_into()?;
+        map.set(0, config, 0)?;
+        Ok(())
     }
 
     /// Removes socket hooks an earlier agent attached.

@@ -1044,7 +1044,62 @@ status:
 {}"#,
         slice("remote"),
         slice("local-lb")
+    ) + &format!(
+        r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: cluster-lb, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.82
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {CLUSTER_NODE_PORT}, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 8080, nodePort: {CLUSTER_NODE_PORT}, protocol: UDP}}
+status:
+  loadBalancer:
+    ingress: [{{ip: "{CLUSTER_LB_IP}"}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: cluster-lb-abc
+  namespace: demo
+  labels: {{kubernetes.io/service-name: cluster-lb}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 8080, protocol: UDP}}
+endpoints:
+- addresses: ["{pod}"]
+  nodeName: node2
+  conditions: {{ready: true}}
+"#
     )
+}
+
+const CLUSTER_NODE_PORT: u16 = 30097;
+const CLUSTER_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 41);
+
+/// Two nodes with their agents; node1 has the pod "client", node2 the pod "pod-b", the
+/// only endpoint of every service.
+fn two_nodes() -> (Cluster, Remove) {
+    let mut cluster = Cluster::with_peers(&lb_bin(), &["client"], &[&["pod-b"]]).expect("topology");
+    cluster.start_servers().expect("servers");
+    let pod_b = cluster.peers[0].pods[0].ip;
+    let file = std::env::temp_dir().join(format!("{}.yaml", testbed::unique("lbm")));
+    std::fs::write(&file, two_node_manifest(pod_b)).unwrap();
+    let remove = Remove(file.clone());
+    cluster.start_agent(&file).expect("node1 agent");
+    cluster.start_peer_agents(&file).expect("node2 agent");
+    (cluster, remove)
+}
+
+struct Remove(PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The status code of GET / on `to`, from the client.
@@ -1125,4 +1180,55 @@ fn two_nodes_east_west_and_local_traffic_policy() {
         health_status(&cluster, SocketAddr::from((NODE_IP, LOCAL_HEALTH_PORT))),
         503
     );
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn a_node_port_served_by_another_node_is_source_nated_from_xdp() {
+    let (cluster, _file) = two_nodes();
+    let node2 = cluster.peers[0].ip;
+    let neigh = |c: &Cluster| c.node.ip(&["neigh", "show", &node2.to_string()]).unwrap();
+    assert!(
+        !neigh(&cluster).contains("lladdr"),
+        "node1 must not know node2 yet: {}",
+        neigh(&cluster)
+    );
+    // The first connection to a never-contacted node goes through TC's neighbour
+    // resolution; the pod sees node1's address.
+    let np = SocketAddr::from((NODE_IP, CLUSTER_NODE_PORT));
+    let answer = cluster.client.run(move || ask_from(np)).unwrap();
+    assert_eq!(
+        answer.expect("first connection to a NodePort served on node2"),
+        format!("pod-b {NODE_IP}")
+    );
+    assert!(neigh(&cluster).contains("lladdr"), "{}", neigh(&cluster));
+    // Resolved now: XDP sends by itself, for the LB IP and UDP too.
+    let lb = SocketAddr::from((CLUSTER_LB_IP, 80));
+    let (tcp, udp) = cluster
+        .client
+        .run(move || (ask_from(lb), udp_ask(&udp_socket(np).unwrap())))
+        .unwrap();
+    assert_eq!(
+        tcp.expect("LB IP served on node2"),
+        format!("pod-b {NODE_IP}")
+    );
+    assert_eq!(udp.expect("UDP NodePort served on node2"), "pod-b");
+    let ct = cluster.lb("conntrack", &["--output", "json"]).unwrap();
+    assert!(ct.contains("192.0.2.2"), "{ct}");
+
+    // A uplink whose veth peer has no GRO: --xdp-mode auto still gets frames through.
+    cluster
+        .client
+        .exec("ethtool", &["-K", "eth0", "gro", "off"])
+        .unwrap();
+    let many: Vec<_> = cluster
+        .client
+        .run(move || (0..8).map(|_| ask_from(np)).collect())
+        .unwrap();
+    for r in many {
+        assert_eq!(
+            r.expect("with GRO off on the peer"),
+            format!("pod-b {NODE_IP}")
+        );
+    }
 }
