@@ -51,6 +51,10 @@ pub mod drop_reason {
     pub const SNAT_EXHAUSTED: u32 = 7;
     /// A translated packet for another node found no route out of this one.
     pub const NO_ROUTE: u32 = 8;
+    /// A tunnelled (DSR) packet would exceed the uplink's MTU.
+    pub const MTU_EXCEEDED: u32 = 9;
+    /// A DSR tunnel packet whose inner destination is no frontend of this node.
+    pub const DSR_UNKNOWN_FRONTEND: u32 = 10;
     pub const COUNT: u32 = 16;
     pub const NAMES: [&str; COUNT as usize] = [
         "no_local_endpoint",
@@ -62,8 +66,8 @@ pub mod drop_reason {
         "source_range",
         "snat_exhausted",
         "no_route",
-        "unused",
-        "unused",
+        "mtu_exceeded",
+        "dsr_unknown_frontend",
         "unused",
         "unused",
         "unused",

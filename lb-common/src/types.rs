@@ -7,6 +7,8 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    /// IPv4 in IPv4, the DSR tunnel.
+    pub const IPIP: u8 = 4;
 }
 
 /// Which traffic a frontend entry serves.
@@ -42,6 +44,9 @@ pub mod service_flags {
     pub const TERMINATING_FALLBACK: u16 = 1 << 3;
     /// loadBalancerSourceRanges: only sources in SOURCE_RANGES under this service id pass.
     pub const SOURCE_RANGES: u16 = 1 << 4;
+    /// Direct server return: traffic from outside to a backend on another node is sent
+    /// there in an IPIP tunnel and answered from there.
+    pub const DSR: u16 = 1 << 5;
 }
 
 /// States of a backend. Only the agent decides which backends enter a Maglev table; the
@@ -210,6 +215,9 @@ pub mod ct_flags {
     /// A flow from outside to a backend on another node: source-NATed to the node's
     /// address and `snat_port`, forwarded from XDP.
     pub const SNAT: u8 = 1 << 1;
+    /// A direct-server-return flow: on the node that chose the backend, tunnelled to it;
+    /// on the backend's node, its answers leave with the frontend as their source.
+    pub const DSR: u8 = 1 << 2;
 }
 
 /// TCP state tracked per flow, which chooses the entry's lifetime.

@@ -107,7 +107,13 @@ pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<Existing> {
     if flow.proto == proto::TCP && syn_only && ct.tcp_state == tcp_state::CLOSING {
         return None;
     }
-    let state = next_tcp_state(ct.tcp_state, flow.tcp_flags);
+    let mut state = next_tcp_state(ct.tcp_state, flow.tcp_flags);
+    // A tunnelled flow's answers never pass this node: the client's first ACK is the sign
+    // that the handshake completed.
+    let acked = flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK;
+    if ct.flags & lb_common::ct_flags::DSR != 0 && state == tcp_state::OPENING && acked {
+        state = tcp_state::ESTABLISHED;
+    }
     if state != ct.tcp_state || now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
         ct.tcp_state = state;
         ct.last_seen_ns = now;

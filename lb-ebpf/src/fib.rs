@@ -25,6 +25,8 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+/// `BPF_FIB_LKUP_RET_FRAG_NEEDED` (uapi/linux/bpf.h), which the BPF-target bindings lack.
+const FIB_FRAG_NEEDED: u32 = 8;
 /// Marks a packet, in the XDP metadata, whose next hop TC must resolve ("LBNH").
 const NEIGH_MARK: u32 = 0x4c42_4e48;
 
@@ -60,7 +62,7 @@ fn decrement_ttl(data: usize, data_end: usize, l3: usize) -> Option<()> {
 /// Where the FIB sends the (already translated) packet: the lookup's result code and
 /// its parameters, holding the egress interface and MACs.
 #[inline(always)]
-fn lookup(ctx: &XdpContext, flow: &Flow) -> Option<(u32, bpf_fib_lookup)> {
+pub fn lookup(ctx: &XdpContext, flow: &Flow) -> Option<(u32, bpf_fib_lookup)> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let tot_len: *const u16 = ptr_at(data, data_end, flow.l3_off + 2)?;
     let tos: *const u8 = ptr_at(data, data_end, flow.l3_off + 1)?;
@@ -94,6 +96,10 @@ pub fn xdp_send(ctx: &XdpContext, flow: &Flow) -> u32 {
         count_drop(drop_reason::MALFORMED);
         return xdp_action::XDP_DROP;
     };
+    if rc == FIB_FRAG_NEEDED {
+        count_drop(drop_reason::MTU_EXCEEDED);
+        return xdp_action::XDP_DROP;
+    }
     let ok = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
     if !ok || decrement_ttl(ctx.data(), ctx.data_end(), flow.l3_off).is_none() {
         count_drop(drop_reason::NO_ROUTE);

@@ -7,6 +7,7 @@
 mod affinity;
 mod conntrack;
 mod csum;
+mod dsr;
 mod fib;
 mod fragments;
 mod icmp_error;
@@ -48,6 +49,8 @@ enum Outcome {
     Hairpin,
     /// Translated, and to be sent to its next hop as the FIB says (SNAT, from XDP).
     Fib,
+    /// To be tunnelled, untranslated, to this backend (address, port) on another node.
+    Tunnel(u32, u16),
     Reject,
     Drop,
 }
@@ -137,6 +140,10 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
             route,
         } => {
             count_service(service, bytes);
+            if route == Route::Tunnel {
+                count_verdict(verdict::DNAT, bytes);
+                return Outcome::Tunnel(addr, port);
+            }
             if ctx.rewrite(flow, End::Dst, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
                 return Outcome::Drop;
@@ -152,6 +159,7 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
                 Route::Stack => Outcome::Translated,
                 Route::Hairpin => Outcome::Hairpin,
                 Route::Fib => Outcome::Fib,
+                Route::Tunnel => Outcome::Tunnel(addr, port),
             }
         }
         Forward::Reject { service } => {
@@ -247,12 +255,22 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
+    if flow.proto == proto::IPIP {
+        return dsr::xdp_decap(&ctx, &flow);
+    }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     match forward(&ctx, &flow, scope::EXTERNAL, bytes) {
         // Hairpin needs a pod as the client: it never happens on an uplink.
         Outcome::Pass | Outcome::Translated | Outcome::Hairpin => xdp_action::XDP_PASS,
         Outcome::Fib => {
             let action = fib::xdp_send(&ctx, &flow);
+            if action == xdp_action::XDP_DROP {
+                count_verdict(verdict::DROP, bytes);
+            }
+            action
+        }
+        Outcome::Tunnel(addr, port) => {
+            let action = dsr::xdp_encap(&ctx, &flow, addr, port);
             if action == xdp_action::XDP_DROP {
                 count_verdict(verdict::DROP, bytes);
             }
@@ -317,8 +335,8 @@ fn xdp_reject(ctx: &XdpContext, flow: &Flow) -> Option<()> {
 #[inline(always)]
 fn tc_verdict(outcome: Outcome, ctx: &TcContext, flow: &Flow, bytes: u64) -> i32 {
     match outcome {
-        // SNAT flows are only made by XDP, which sends them itself.
-        Outcome::Pass | Outcome::Translated | Outcome::Fib => TC_ACT_OK,
+        // SNAT and DSR flows are only made by XDP, which sends them itself.
+        Outcome::Pass | Outcome::Translated | Outcome::Fib | Outcome::Tunnel(..) => TC_ACT_OK,
         Outcome::Hairpin => {
             if reject::swap_macs(ctx.data(), ctx.data_end()).is_none() {
                 count_drop(drop_reason::REWRITE_FAILED);

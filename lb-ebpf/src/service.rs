@@ -20,6 +20,8 @@ pub enum Route {
     Hairpin,
     /// Out towards another node, by the FIB (a SNAT flow).
     Fib,
+    /// Untranslated, in a tunnel to the backend's node (DSR).
+    Tunnel,
 }
 
 pub enum Forward {
@@ -110,6 +112,8 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
     // this node's address, so that its answer comes back here.
     let (flags, snat_port) = if backend.addr == flow.src {
         (ct_flags::HAIRPIN, 0)
+    } else if scope_nr == scope::EXTERNAL && !backend.local && svc.flags & service_flags::DSR != 0 {
+        (ct_flags::DSR, 0)
     } else if scope_nr == scope::EXTERNAL && !backend.local {
         match snat::allocate(flow, &backend, now) {
             Ok(Some(port)) => (ct_flags::SNAT, port),
@@ -145,6 +149,8 @@ fn translation(flow: &Flow, flags: u8, snat_port: u16) -> (Option<(u32, u16)>, R
         )
     } else if flags & ct_flags::SNAT != 0 {
         (Some((snat::addr(), snat_port)), Route::Fib)
+    } else if flags & ct_flags::DSR != 0 {
+        (None, Route::Tunnel)
     } else {
         (None, Route::Stack)
     }

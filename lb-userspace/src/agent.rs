@@ -71,6 +71,7 @@ fn node_context(args: &AgentArgs, uplinks: &[String]) -> anyhow::Result<NodeCont
         node_name,
         node_addresses,
         zone: None,
+        lb_mode: args.lb_mode,
     })
 }
 

@@ -88,6 +88,11 @@ pub struct AgentArgs {
     /// see them.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub socket_lb: bool,
+    /// How traffic from outside reaches backends on other nodes: `snat` (answers come back
+    /// through this node) or `dsr` (IPIP to the backend's node, which answers directly). The
+    /// annotation `lb.dev/lb-mode` on a Service overrides it.
+    #[arg(long, value_enum, default_value_t = crate::state::LbMode::Snat)]
+    pub lb_mode: crate::state::LbMode,
     /// Source ports for flows from outside to backends on other nodes, which leave with this
     /// node's address (MIN-MAX). Must overlap neither the NodePort range nor the host's
     /// ephemeral ports (net.ipv4.ip_local_port_range).

@@ -55,6 +55,8 @@ pub struct DesiredFrontend {
     pub local_policy: bool,
     /// Only sources inside the service's `source_ranges` may use this frontend.
     pub filter_sources: bool,
+    /// Traffic to backends on other nodes is tunnelled there (direct server return).
+    pub dsr: bool,
     /// Indices into the service's `backends` that new flows are spread over, in order.
     pub selection: Vec<usize>,
 }

@@ -15,10 +15,12 @@ use crate::{
         DesiredBackend, DesiredFrontend, DesiredMaps, DesiredService, HealthCheck, ServicePortId,
     },
     manifest::service_of,
-    state::{ClusterState, NodeContext, ObjectRef},
+    state::{ClusterState, LbMode, NodeContext, ObjectRef},
 };
 
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// `snat` or `dsr`: overrides `--lb-mode` for one service.
+pub const LB_MODE_ANNOTATION: &str = "lb.dev/lb-mode";
 /// Read when spec.loadBalancerSourceRanges is empty, as Kubernetes' service helper (used
 /// by cloud load balancers) does.
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
@@ -120,6 +122,7 @@ fn plan_service(
         }
     }
     let source_ranges = source_ranges(r, svc, &external_addrs, node, warnings);
+    let dsr = lb_mode(r, svc, node, warnings) == LbMode::Dsr;
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
@@ -172,6 +175,8 @@ fn plan_service(
                 kind,
                 local_policy,
                 filter_sources,
+                // Only traffic from outside is tunnelled; pods reach other nodes by routing.
+                dsr: dsr && scope == scope::EXTERNAL,
                 selection,
             });
         };
@@ -306,6 +311,27 @@ fn source_ranges(
     ranges.sort();
     ranges.dedup();
     ranges
+}
+
+/// The service's annotation, or the node's default.
+fn lb_mode(r: &ObjectRef, svc: &Service, node: &NodeContext, warnings: &mut Vec<String>) -> LbMode {
+    let annotation = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_MODE_ANNOTATION));
+    match annotation.map(|v| v.trim()) {
+        None => node.lb_mode,
+        Some("snat") => LbMode::Snat,
+        Some("dsr") => LbMode::Dsr,
+        Some(other) => {
+            warnings.push(format!(
+                "service {r}: {LB_MODE_ANNOTATION} {other:?} is neither snat nor dsr; using {:?}",
+                node.lb_mode
+            ));
+            node.lb_mode
+        }
+    }
 }
 
 fn network(addr: Ipv4Addr, len: u8) -> Ipv4Addr {

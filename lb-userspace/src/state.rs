@@ -30,4 +30,17 @@ pub struct NodeContext {
     pub node_name: String,
     pub node_addresses: Vec<Ipv4Addr>,
     pub zone: Option<String>,
+    /// How traffic from outside reaches backends on other nodes, unless a service's
+    /// annotation says otherwise.
+    pub lb_mode: LbMode,
+}
+
+/// How traffic from outside reaches a backend on another node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbMode {
+    /// Source-NATed to this node, so the answer comes back through it (works on any network).
+    #[default]
+    Snat,
+    /// Tunnelled (IPIP) to the backend's node, which answers the client directly.
+    Dsr,
 }

@@ -1073,10 +1073,43 @@ endpoints:
 - addresses: ["{pod}"]
   nodeName: node2
   conditions: {{ready: true}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: dsr-lb
+  namespace: demo
+  annotations: {{lb.dev/lb-mode: dsr}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.83
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {DSR_NODE_PORT}, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 8080, nodePort: {DSR_NODE_PORT}, protocol: UDP}}
+status:
+  loadBalancer:
+    ingress: [{{ip: "{DSR_LB_IP}"}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dsr-lb-abc
+  namespace: demo
+  labels: {{kubernetes.io/service-name: dsr-lb}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 8080, protocol: UDP}}
+endpoints:
+- addresses: ["{pod}"]
+  nodeName: node2
+  conditions: {{ready: true}}
 "#
     )
 }
 
+const DSR_NODE_PORT: u16 = 30098;
+const DSR_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 42);
 const CLUSTER_NODE_PORT: u16 = 30097;
 const CLUSTER_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 41);
 
@@ -1231,4 +1264,37 @@ fn a_node_port_served_by_another_node_is_source_nated_from_xdp() {
             format!("pod-b {NODE_IP}")
         );
     }
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn direct_server_return_tunnels_to_the_backends_node_which_answers_the_client() {
+    let (cluster, _file) = two_nodes();
+    let np = SocketAddr::from((NODE_IP, DSR_NODE_PORT));
+    // The first connection to a never-contacted node; the pod sees the client itself.
+    let answer = cluster.client.run(move || ask_from(np)).unwrap();
+    assert_eq!(
+        answer.expect("DSR NodePort, first connection"),
+        format!("pod-b {}", testbed::CLIENT_IP)
+    );
+    let lb = SocketAddr::from((DSR_LB_IP, 80));
+    let (tcp, udp, session) = cluster
+        .client
+        .run(move || {
+            let session = Session::open(np).and_then(|mut s| Ok((s.ask()?, s.ask()?)));
+            (ask_from(lb), udp_ask(&udp_socket(np).unwrap()), session)
+        })
+        .unwrap();
+    assert_eq!(
+        tcp.expect("DSR LB IP"),
+        format!("pod-b {}", testbed::CLIENT_IP)
+    );
+    assert_eq!(udp.expect("DSR over UDP"), "pod-b");
+    let (a, b) = session.expect("a kept-open DSR connection");
+    assert_eq!((a.as_str(), b.as_str()), ("pod-b", "pod-b"));
+    // Node2 answered with node1's NodePort as the source: its conntrack holds the flow.
+    let ct = cluster.peers[0]
+        .lb(&lb_bin(), "conntrack", &["--output", "json"])
+        .unwrap();
+    assert!(ct.contains(&format!("{NODE_IP}:{DSR_NODE_PORT}")), "{ct}");
 }

@@ -10,10 +10,11 @@ pub fn run(lb: &Path) -> Result<()> {
     let manifests = crate::root().join("deploy/examples");
     // Node1's pods get 10.244.0.10, .11 and .12, node2's 10.244.1.10: pod-a, pod-b and
     // pod-c are the addresses the example EndpointSlice lists.
-    let mut cluster =
-        Cluster::with_peers(lb, &["pod-a", "pod-b", "client-pod"], &[&["pod-c"]])?;
+    let mut cluster = Cluster::with_peers(lb, &["pod-a", "pod-b", "client-pod"], &[&["pod-c"]])?;
     cluster.start_servers()?;
-    cluster.start_agent(&manifests).context("start node1's agent")?;
+    cluster
+        .start_agent(&manifests)
+        .context("start node1's agent")?;
     cluster
         .start_peer_agents(&manifests)
         .context("start node2's agent")?;

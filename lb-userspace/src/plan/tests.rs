@@ -7,6 +7,7 @@ fn node() -> NodeContext {
         node_name: "n1".into(),
         node_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
         zone: None,
+        lb_mode: Default::default(),
     }
 }
 
@@ -372,4 +373,50 @@ fn only_local_load_balancers_get_a_health_check() {
         let p = plan_yaml(&load_balancer(extra, ""));
         assert!(p.desired.health_checks.is_empty(), "{extra}");
     }
+}
+
+#[test]
+fn dsr_applies_to_traffic_from_outside_by_flag_or_annotation() {
+    let yaml = |meta: &str| load_balancer("", meta);
+    let dsr_frontends = |p: &Plan| -> Vec<(u8, u8)> {
+        only(p)
+            .frontends
+            .iter()
+            .filter(|f| f.dsr)
+            .map(|f| (f.kind, f.scope))
+            .collect()
+    };
+    let p = plan_yaml(&yaml(""));
+    assert!(dsr_frontends(&p).is_empty(), "snat by default");
+    let p = plan_yaml(&yaml(&format!(
+        ", annotations: {{{LB_MODE_ANNOTATION}: dsr}}"
+    )));
+    assert_eq!(
+        dsr_frontends(&p),
+        vec![
+            (k::NODE_PORT, sc::EXTERNAL),
+            (k::LOAD_BALANCER, sc::EXTERNAL)
+        ]
+    );
+    let mut n = node();
+    n.lb_mode = LbMode::Dsr;
+    let path = std::env::temp_dir().join(format!("lb-plan-dsr-{}.yaml", std::process::id()));
+    std::fs::write(
+        &path,
+        yaml(&format!(", annotations: {{{LB_MODE_ANNOTATION}: snat}}")),
+    )
+    .unwrap();
+    let mut src = ManifestSource::new(&path);
+    src.reload();
+    std::fs::remove_file(&path).unwrap();
+    let p = plan(&src.state(), &n);
+    assert!(dsr_frontends(&p).is_empty(), "the annotation wins");
+    let p = plan_yaml(&yaml(&format!(
+        ", annotations: {{{LB_MODE_ANNOTATION}: fast}}"
+    )));
+    assert!(
+        p.warnings.iter().any(|w| w.contains("fast")),
+        "{:?}",
+        p.warnings
+    );
 }

@@ -361,6 +361,9 @@ impl<S: MapStore> Syncer<S> {
             if f.filter_sources {
                 flags |= service_flags::SOURCE_RANGES;
             }
+            if f.dsr {
+                flags |= service_flags::DSR;
+            }
             // The plan picks terminating endpoints only when no endpoint is ready.
             let fallback = !f.selection.is_empty()
                 && f.selection

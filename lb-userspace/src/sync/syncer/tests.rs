@@ -33,6 +33,7 @@ fn desired(services: &[(&str, u8, &[u8])]) -> DesiredMaps {
             kind: kind::CLUSTER_IP,
             local_policy: false,
             filter_sources: false,
+            dsr: false,
             selection: (0..backends.len()).collect(),
         }];
         d.services.insert(
