@@ -111,12 +111,15 @@ pub fn xdp_decap(ctx: &XdpContext, outer: &Flow) -> u32 {
     }
     let port = outer.ip_id;
     // Ours only when the outer destination is a pod behind this node: the FIB sends it
-    // to an interface other than the one it came in on.
+    // straight to a local interface.
     let Some((rc, p)) = fib::lookup(ctx, outer) else {
         return xdp_action::XDP_PASS;
     };
     let routed = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
-    if !routed || p.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+    // Directly behind an interface (no gateway replaced the destination), not the one it
+    // came in on.
+    let direct = unsafe { p.__bindgen_anon_4.ipv4_dst } == outer.dst;
+    if !routed || !direct || p.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
         return xdp_action::XDP_PASS;
     }
     if move_eth(ctx, 0, OUTER_LEN).is_none() {

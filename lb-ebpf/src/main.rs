@@ -12,6 +12,7 @@ mod fib;
 mod fragments;
 mod icmp_error;
 mod maps;
+mod mss;
 mod nat;
 mod parse;
 mod reject;
@@ -221,7 +222,7 @@ fn snat_reply<C: Rewrite>(ctx: &C, flow: &Flow, t: &SnatValue, bytes: u64) -> Ou
 
 /// Reverse NAT of replies; shared by both egress programs.
 #[inline(always)]
-fn reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
+fn reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Outcome {
     if flow.later_fragment {
         return follow_fragment(ctx, flow);
     }
@@ -232,8 +233,13 @@ fn reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
         return Outcome::Pass;
     }
     match conntrack::reply(flow, (flow.dst, flow.dport), conntrack::now()) {
-        Some((addr, port, service, _)) => {
+        Some((addr, port, service, flags)) => {
             if ctx.rewrite(flow, End::Src, addr, port).is_err() {
+                count_drop(drop_reason::REWRITE_FAILED);
+                return Outcome::Drop;
+            }
+            let syn = flow.proto == proto::TCP && flow.tcp_flags & parse::TCP_SYN != 0;
+            if flags & ct_flags::DSR != 0 && syn && mss::clamp(ctx, flow).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
                 return Outcome::Drop;
             }
