@@ -1,6 +1,7 @@
-//! `cargo xtask setup|build|test|lint|demo`: everything a fresh machine needs, from the
+//! `cargo xtask setup|build|test|lint|demo|bench`: everything a fresh machine needs, from the
 //! Debian packages to the demo cluster.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -31,6 +32,8 @@ enum Cmd {
     Lint,
     /// Run the agent on a demo cluster of network namespaces with real traffic.
     Demo,
+    /// Measure the data plane's cost per packet; results go to bench/results/.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Cmd::Test => test(),
         Cmd::Lint => lint(),
         Cmd::Demo => build().and_then(|_| demo::run(&root().join("target/release/lb"))),
+        Cmd::Bench => build().and_then(|object| bench::run(&object)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
