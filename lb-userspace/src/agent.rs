@@ -111,7 +111,10 @@ impl Agent {
 }
 
 async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
-    let path = args.source_path()?;
+    let path = match args.source()? {
+        crate::cli::Source::Files(p) => p,
+        crate::cli::Source::Kubernetes => anyhow::bail!("--source kubernetes: not built yet"),
+    };
     let mut config = args.lifetimes.config()?;
     config.hairpin_addr = lb_common::addr::ipv4(args.service_loopback_address.octets());
     let uplinks = if args.external_ifaces.is_empty() {

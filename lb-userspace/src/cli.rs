@@ -56,9 +56,22 @@ pub struct InspectArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
-    /// Where services come from: `file:PATH` (a YAML/JSON file or a directory of them).
+    /// Where services come from: `kubernetes` (the API server) or `file:PATH` (a YAML/JSON
+    /// file or a directory of them). Default: `kubernetes` inside a pod, else required.
     #[arg(long)]
-    pub source: String,
+    pub source: Option<String>,
+    /// A kubeconfig for `--source kubernetes`. Default: `$KUBECONFIG`, then the in-cluster
+    /// configuration (service account), then `~/.kube/config`.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server's real address (HOST:PORT or https://HOST:PORT). Nothing translates the
+    /// `kubernetes` ClusterIP for the agent itself, so inside a cluster it must reach the API
+    /// server directly; this replaces the server of the in-cluster configuration or kubeconfig.
+    #[arg(long)]
+    pub api_server: Option<String>,
+    /// `/healthz` reports not synced when changes have been waiting this long to be written.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub healthz_timeout: Duration,
     /// Endpoints with this nodeName are local. Default: the host name.
     #[arg(long)]
     pub node_name: Option<String>,
@@ -191,15 +204,28 @@ pub fn check_snat_ports(snat: (u16, u16), ephemeral: (u16, u16)) -> anyhow::Resu
     Ok(())
 }
 
+/// Where the agent reads Services and EndpointSlices from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Kubernetes,
+    Files(PathBuf),
+}
+
 impl AgentArgs {
-    /// The manifest path of a `file:` source.
-    pub fn source_path(&self) -> anyhow::Result<PathBuf> {
-        match self.source.strip_prefix("file:") {
-            Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
-            _ => anyhow::bail!(
-                "unsupported --source {:?}: expected file:PATH (a manifest file or directory)",
-                self.source
-            ),
+    /// The `--source`, or its default: `kubernetes` in a pod (the kubelet sets
+    /// KUBERNETES_SERVICE_HOST in every container).
+    pub fn source(&self) -> anyhow::Result<Source> {
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        match self.source.as_deref() {
+            None if in_pod => Ok(Source::Kubernetes),
+            None => anyhow::bail!("--source is required outside a pod: kubernetes or file:PATH"),
+            Some("kubernetes") => Ok(Source::Kubernetes),
+            Some(s) => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(Source::Files(PathBuf::from(p))),
+                _ => anyhow::bail!(
+                    "unsupported --source {s:?}: expected kubernetes or file:PATH (a manifest file or directory)"
+                ),
+            },
         }
     }
 }
@@ -268,7 +294,7 @@ mod tests {
         let Command::Agent(a) = cli.command else {
             panic!("not agent")
         };
-        assert_eq!(a.source_path().unwrap(), PathBuf::from("/m"));
+        assert_eq!(a.source().unwrap(), Source::Files(PathBuf::from("/m")));
         assert_eq!(a.external_ifaces, ["e0", "e1"]);
         assert_eq!(a.pod_ifaces, ["lbp*"]);
         assert_eq!(a.xdp_mode, XdpModeArg::Generic);
@@ -337,15 +363,39 @@ mod tests {
         for sub in ["services", "conntrack", "stats", "reset"] {
             Cli::try_parse_from(["lb", sub, "--bpffs", "/sys/fs/bpf/t"]).unwrap();
         }
-        assert!(Cli::try_parse_from(["lb", "agent", "--source", "k8s"])
+        let source = |s: &str| match Cli::try_parse_from(["lb", "agent", "--source", s])
             .unwrap()
             .command
-            .agent_source_error());
+        {
+            Command::Agent(a) => a.source(),
+            _ => panic!("not agent"),
+        };
+        assert!(source("k8s").is_err());
+        assert!(source("file:").is_err());
+        assert_eq!(source("kubernetes").unwrap(), Source::Kubernetes);
     }
 
-    impl Command {
-        fn agent_source_error(&self) -> bool {
-            matches!(self, Command::Agent(a) if a.source_path().is_err())
-        }
+    #[test]
+    fn kubernetes_source_flags() {
+        let Command::Agent(a) = Cli::try_parse_from([
+            "lb",
+            "agent",
+            "--source",
+            "kubernetes",
+            "--kubeconfig",
+            "/k",
+            "--api-server",
+            "10.0.0.1:6443",
+            "--healthz-timeout",
+            "2m",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not agent")
+        };
+        assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!(a.api_server.as_deref(), Some("10.0.0.1:6443"));
+        assert_eq!(a.healthz_timeout, Duration::from_secs(120));
     }
 }
