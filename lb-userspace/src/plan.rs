@@ -156,8 +156,8 @@ fn plan_service(
                 .map(|e| e.backend.addr),
         );
         let backends: Vec<DesiredBackend> = endpoints.iter().map(|e| e.backend.clone()).collect();
-        let cluster = select(&endpoints, false);
-        let local = select(&endpoints, true);
+        let cluster = select_cluster(&endpoints, node);
+        let local = select_local(&endpoints);
         let mut frontends = Vec::new();
         let svc_port = port.port as u16;
         let mut add = |addr, port, scope, kind, local_policy: bool| {
@@ -365,6 +365,9 @@ struct Candidate {
     backend: DesiredBackend,
     ready: bool,
     serving_terminating: bool,
+    /// Topology hints the EndpointSlice controller set (from spec.trafficDistribution).
+    zone_hints: Vec<String>,
+    node_hints: Vec<String>,
 }
 
 /// Every listed endpoint of a service port, deduplicated, sorted by address and port.
@@ -405,6 +408,19 @@ fn endpoints_for(
             } else {
                 backend_state::INACTIVE
             };
+            let hints = ep.hints.as_ref();
+            let zone_hints: Vec<String> = hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect();
+            let node_hints: Vec<String> = hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect();
             for addr in &ep.addresses {
                 let Ok(addr) = addr.parse::<Ipv4Addr>() else {
                     tracing::info!(service = %r, address = %addr, "skipping non-IPv4 endpoint");
@@ -422,6 +438,8 @@ fn endpoints_for(
                         backend,
                         ready,
                         serving_terminating: serving && terminating,
+                        zone_hints: zone_hints.clone(),
+                        node_hints: node_hints.clone(),
                     });
             }
         }
@@ -429,21 +447,78 @@ fn endpoints_for(
     found.into_values().collect()
 }
 
-/// kube-proxy's choice: ready endpoints; if there are none, serving and terminating ones.
-fn select(endpoints: &[Candidate], local_only: bool) -> Vec<usize> {
-    let pool = |f: &dyn Fn(&Candidate) -> bool| -> Vec<usize> {
-        endpoints
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| (!local_only || c.backend.local) && f(c))
-            .map(|(i, _)| i)
-            .collect()
-    };
-    let ready = pool(&|c| c.ready);
+/// The endpoints new flows may use under topology-aware routing, as kube-proxy's
+/// `topologyModeFromHints` decides it.
+#[derive(Debug, PartialEq, Eq)]
+enum Topology {
+    /// No hints apply: every endpoint.
+    Any,
+    /// Only endpoints hinted for this node (trafficDistribution PreferSameNode).
+    SameNode,
+    /// Only endpoints hinted for this node's zone (PreferClose, PreferSameZone, or the
+    /// topology-mode annotation).
+    SameZone,
+}
+
+/// Hints count only when every ready endpoint has them and at least one is hinted for this
+/// node (or its zone); otherwise kube-proxy ignores them and uses all endpoints.
+fn topology_mode(endpoints: &[Candidate], node: &NodeContext) -> Topology {
+    let zone = node.zone.as_deref().unwrap_or("");
+    let ready = || endpoints.iter().filter(|c| c.ready);
+    let all_node_hints = ready().all(|c| !c.node_hints.is_empty());
+    let for_node = ready().any(|c| c.node_hints.iter().any(|n| *n == node.node_name));
+    let all_zone_hints = ready().all(|c| !c.zone_hints.is_empty());
+    let for_zone = ready().any(|c| c.zone_hints.iter().any(|z| z == zone));
+    if all_node_hints && for_node {
+        Topology::SameNode
+    } else if all_zone_hints && for_zone {
+        Topology::SameZone
+    } else {
+        Topology::Any
+    }
+}
+
+fn available(c: &Candidate, topology: &Topology, node: &NodeContext) -> bool {
+    match topology {
+        Topology::Any => true,
+        Topology::SameNode => c.node_hints.iter().any(|n| *n == node.node_name),
+        Topology::SameZone => {
+            let zone = node.zone.as_deref().unwrap_or("");
+            c.zone_hints.iter().any(|z| z == zone)
+        }
+    }
+}
+
+fn indices(endpoints: &[Candidate], f: impl Fn(&Candidate) -> bool) -> Vec<usize> {
+    endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| f(c))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// kube-proxy's cluster endpoints: ready ones available under the topology; if there are
+/// none, serving and terminating ones available under it.
+fn select_cluster(endpoints: &[Candidate], node: &NodeContext) -> Vec<usize> {
+    let topology = topology_mode(endpoints, node);
+    let ready = indices(endpoints, |c| c.ready && available(c, &topology, node));
     if !ready.is_empty() {
         return ready;
     }
-    pool(&|c| c.serving_terminating)
+    indices(endpoints, |c| {
+        c.serving_terminating && available(c, &topology, node)
+    })
+}
+
+/// kube-proxy's local endpoints (traffic policy Local): ready ones on this node; if there
+/// are none, serving and terminating ones on this node. Topology does not apply.
+fn select_local(endpoints: &[Candidate]) -> Vec<usize> {
+    let ready = indices(endpoints, |c| c.ready && c.backend.local);
+    if !ready.is_empty() {
+        return ready;
+    }
+    indices(endpoints, |c| c.serving_terminating && c.backend.local)
 }
 
 #[cfg(test)]

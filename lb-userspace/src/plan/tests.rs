@@ -420,3 +420,104 @@ fn dsr_applies_to_traffic_from_outside_by_flag_or_annotation() {
         p.warnings
     );
 }
+
+/// Endpoints given as (ip, ready, zone hints, node hints); the node is n1 in zone-a.
+fn plan_hinted(eps: &[(&str, bool, &[&str], &[&str])], spec_extra: &str) -> Vec<String> {
+    let list = |v: &[&str], key: &str| -> String {
+        let items: Vec<String> = v.iter().map(|n| format!("{{name: {n}}}")).collect();
+        format!("{key}: [{}]", items.join(", "))
+    };
+    let eps: String = eps
+        .iter()
+        .map(|(ip, r, zones, nodes)| {
+            let mut hints = Vec::new();
+            if !zones.is_empty() {
+                hints.push(list(zones, "forZones"));
+            }
+            if !nodes.is_empty() {
+                hints.push(list(nodes, "forNodes"));
+            }
+            let hints = if hints.is_empty() {
+                String::new()
+            } else {
+                format!("  hints: {{{}}}\n", hints.join(", "))
+            };
+            format!("- addresses: [{ip}]\n  nodeName: other\n  conditions: {{ready: {r}, serving: {r}, terminating: false}}\n{hints}")
+        })
+        .collect();
+    let yaml = service(&format!("  clusterIP: 10.96.0.1\n{PORTS}\n{spec_extra}"))
+        + &format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s-1\n  namespace: ns\n  labels: {{kubernetes.io/service-name: s}}\naddressType: IPv4\nports: {SLICE_PORTS}\nendpoints:\n{eps}");
+    let path = std::env::temp_dir().join(format!(
+        "lb-plan-{}-{:x}.yaml",
+        std::process::id(),
+        hash(&yaml)
+    ));
+    std::fs::write(&path, &yaml).unwrap();
+    let mut src = ManifestSource::new(&path);
+    let errors = src.reload();
+    std::fs::remove_file(&path).unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    let node = NodeContext {
+        zone: Some("zone-a".into()),
+        ..node()
+    };
+    let p = plan(&src.state(), &node);
+    let s = only(&p);
+    selected(s, frontend(s, k::CLUSTER_IP, sc::INTERNAL))
+}
+
+/// The cases of kube-proxy's topology_test.go that decide between hints and all endpoints.
+#[test]
+fn topology_hints_follow_kube_proxy() {
+    let a: &[&str] = &["zone-a"];
+    let b: &[&str] = &["zone-b"];
+    let none: &[&str] = &[];
+    // Every endpoint hinted, some for this zone: only those.
+    assert_eq!(
+        plan_hinted(&[("10.0.0.1", true, a, none), ("10.0.0.2", true, b, none)], ""),
+        ["10.0.0.1"]
+    );
+    // One ready endpoint without hints: hints ignored.
+    assert_eq!(
+        plan_hinted(&[("10.0.0.1", true, a, none), ("10.0.0.2", true, none, none)], ""),
+        ["10.0.0.1", "10.0.0.2"]
+    );
+    // A not-ready endpoint without hints does not count.
+    assert_eq!(
+        plan_hinted(
+            &[("10.0.0.1", true, a, none), ("10.0.0.2", true, b, none), ("10.0.0.3", false, none, none)],
+            ""
+        ),
+        ["10.0.0.1"]
+    );
+    // Hinted, but none for this zone: all endpoints.
+    assert_eq!(
+        plan_hinted(&[("10.0.0.1", true, b, none), ("10.0.0.2", true, b, none)], ""),
+        ["10.0.0.1", "10.0.0.2"]
+    );
+    // PreferSameNode: node hints for this node win over zone hints.
+    assert_eq!(
+        plan_hinted(
+            &[("10.0.0.1", true, a, &["n1"]), ("10.0.0.2", true, a, &["n2"])],
+            "  trafficDistribution: PreferSameNode"
+        ),
+        ["10.0.0.1"]
+    );
+    // Node hints for other nodes only: fall back to the zone hints.
+    assert_eq!(
+        plan_hinted(
+            &[("10.0.0.1", true, a, &["n3"]), ("10.0.0.2", true, b, &["n2"])],
+            ""
+        ),
+        ["10.0.0.1"]
+    );
+    // Some endpoint lacks a node hint: zone hints decide.
+    assert_eq!(
+        plan_hinted(
+            &[("10.0.0.1", true, a, &["n1"]), ("10.0.0.2", true, a, none), ("10.0.0.3", true, b, none)],
+            ""
+        ),
+        ["10.0.0.1", "10.0.0.2"]
+    );
+}
+
