@@ -1,4 +1,4 @@
-//! The node agent: keeps the data path in step with the manifests.
+//! The node agent: keeps the data path in step with the API server or the manifests.
 
 use std::{
     net::Ipv4Addr,
@@ -10,12 +10,13 @@ use std::{
 use anyhow::Context;
 
 use crate::{
-    cli::AgentArgs,
+    cli::{AgentArgs, Source},
+    controller::Controller,
     datapath::Datapath,
     health::{self, Health},
     interfaces,
+    kubernetes::{self, KubeSource},
     manifest::ManifestSource,
-    plan::plan,
     service_health::ServiceHealth,
     socket_lb,
     state::NodeContext,
@@ -75,46 +76,8 @@ fn node_context(args: &AgentArgs, uplinks: &[String]) -> anyhow::Result<NodeCont
     })
 }
 
-struct Agent {
-    source: ManifestSource,
-    node: NodeContext,
-    syncer: Syncer<AyaMaps>,
-    health: Arc<Health>,
-    service_health: ServiceHealth,
-}
-
-impl Agent {
-    fn apply(&mut self) {
-        let started = std::time::Instant::now();
-        for e in self.source.reload() {
-            tracing::warn!("{e}");
-        }
-        let state = self.source.state();
-        let plan = plan(&state, &self.node);
-        for w in &plan.warnings {
-            tracing::warn!("{w}");
-        }
-        let report = self.syncer.apply(&plan.desired);
-        self.service_health.sync(&plan.desired.health_checks);
-        for e in &report.errors {
-            tracing::error!("map write failed: {e}");
-        }
-        self.health.record_sync(&report, started.elapsed());
-        tracing::info!(
-            services = plan.desired.services.len(),
-            writes = report.writes,
-            deletes = report.deletes,
-            errors = report.errors.len(),
-            "synced"
-        );
-    }
-}
-
 async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
-    let path = match args.source()? {
-        crate::cli::Source::Files(p) => p,
-        crate::cli::Source::Kubernetes => anyhow::bail!("--source kubernetes: not built yet"),
-    };
+    let source = args.source()?;
     let mut config = args.lifetimes.config()?;
     config.hairpin_addr = lb_common::addr::ipv4(args.service_loopback_address.octets());
     let uplinks = if args.external_ifaces.is_empty() {
@@ -122,6 +85,17 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
             .context("no --external-iface given and no default route to find one")?]
     } else {
         args.external_ifaces.clone()
+    };
+    // The client comes first: a bad kubeconfig should fail before anything is attached.
+    let kube_client = match &source {
+        Source::Kubernetes => {
+            let config =
+                kubernetes::client::config(args.kubeconfig.as_deref(), args.api_server.as_deref())
+                    .await?;
+            tracing::info!(server = %config.cluster_url, "watching the API server");
+            Some(kubernetes::client::client(config)?)
+        }
+        Source::Files(_) => None,
     };
     let mut dp = Datapath::load(&args.pins.bpffs)?;
     for iface in &uplinks {
@@ -142,7 +116,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     } else {
         dp.detach_sockets();
     }
-    let health = Arc::new(Health::new()?);
+    let health = Arc::new(Health::new(args.healthz_timeout)?);
     tokio::spawn(health::serve(
         args.healthz_addr,
         args.metrics_addr,
@@ -150,40 +124,49 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     ));
 
     let syncer = Syncer::recover(dp.maps()?, config)?;
-    let mut agent = Agent {
-        source: ManifestSource::new(&path),
-        node,
-        syncer,
-        health,
-        service_health: ServiceHealth::default(),
+    let mut ctl = Controller::new(node.clone(), syncer, health);
+    ctl.service_health = Some(ServiceHealth::default());
+    let mut input = match (source, kube_client) {
+        (Source::Kubernetes, Some(client)) => {
+            let updates = kubernetes::watch::spawn(client, &node.node_name);
+            Input::Kubernetes(Box::new(KubeSource::new(
+                updates,
+                node,
+                !args.node_ips.is_empty(),
+            )))
+        }
+        (Source::Files(path), _) => {
+            let files = ManifestSource::new(&path);
+            let seen = fingerprint(&files);
+            let mut input = Input::Files {
+                source: files,
+                seen,
+                pending: None,
+            };
+            input.reload(&mut ctl);
+            input
+        }
+        (Source::Kubernetes, None) => unreachable!("client built above"),
     };
-    let mut seen = fingerprint(&agent.source);
-    agent.apply();
     let mut links = interfaces::LinkEvents::subscribe().context("netlink link subscription")?;
     let mut pods_complete = attach_pods(&mut dp, &args.pod_ifaces, &uplinks);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(POLL);
-    let mut pending: Option<Vec<(PathBuf, u64, Option<SystemTime>)>> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let now = fingerprint(&agent.source);
-                match pending.take() {
-                    // Unchanged since the last look: the write has settled.
-                    Some(p) if p == now => {
-                        agent.apply();
-                        seen = now;
-                    }
-                    _ if now != seen => pending = Some(now),
-                    _ => {}
-                }
-                agent.syncer.tick();
+                input.poll_files(&mut ctl);
+                ctl.syncer.tick();
                 // A failed attach gets no second netlink message: retry it here.
                 if !pods_complete {
                     pods_complete = attach_pods(&mut dp, &args.pod_ifaces, &uplinks);
                 }
             }
+            changes = input.updates() => match changes {
+                Some((source, changes)) => source.handle(changes, &mut ctl),
+                None => anyhow::bail!("the API watchers stopped"),
+            },
             changed = links.changed() => {
                 if let Err(e) = changed {
                     tracing::warn!(error = %e, "netlink link events");
@@ -197,6 +180,65 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // The data path stays: pinned maps, pinned XDP links and netlink TC filters.
     tracing::info!("stopping; the data path stays in place");
     Ok(())
+}
+
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// Where changes come from.
+enum Input {
+    Kubernetes(Box<KubeSource>),
+    Files {
+        source: ManifestSource,
+        seen: Fingerprint,
+        /// A change seen once, applied when the next look agrees.
+        pending: Option<Fingerprint>,
+    },
+}
+
+impl Input {
+    /// The next burst of watch updates; never ready for files.
+    async fn updates(&mut self) -> Option<(&mut KubeSource, kubernetes::Changes)> {
+        match self {
+            Input::Kubernetes(k) => {
+                let c = k.recv().await?;
+                Some((k, c))
+            }
+            Input::Files { .. } => std::future::pending().await,
+        }
+    }
+
+    /// Files are looked at on every tick; a change is applied once two looks agree.
+    fn poll_files(&mut self, ctl: &mut Controller<AyaMaps>) {
+        let Input::Files {
+            source,
+            seen,
+            pending,
+        } = self
+        else {
+            return;
+        };
+        let now = fingerprint(source);
+        match pending.take() {
+            Some(p) if p == now => {
+                *seen = now;
+                self.reload(ctl);
+            }
+            _ if now != *seen => {
+                ctl.health.record_changes(0, 0);
+                *pending = Some(now);
+            }
+            _ => {}
+        }
+    }
+
+    fn reload(&mut self, ctl: &mut Controller<AyaMaps>) {
+        if let Input::Files { source, .. } = self {
+            for e in source.reload() {
+                tracing::warn!("{e}");
+            }
+            ctl.sync(&source.state());
+        }
+    }
 }
 
 /// Flows from outside to backends on other nodes leave with the node's first address.

@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::sync::SyncReport;
+use crate::{desired::DesiredMaps, sync::SyncReport};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -25,10 +25,30 @@ struct ReasonLabel {
 
 pub struct Health {
     last_sync_ms: AtomicU64,
+    /// When the oldest change not yet written arrived; 0 when nothing waits.
+    pending_since_ms: AtomicU64,
+    /// Changes may wait this long before `/healthz` reports not synced.
+    timeout: Duration,
     registry: Mutex<Registry>,
     sync_duration: Histogram,
+    programming_latency: Histogram,
     last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    last_queued: Gauge<f64, std::sync::atomic::AtomicU64>,
+    service_changes: Counter,
+    endpoint_changes: Counter,
+    services_programmed: Gauge,
+    endpoints_programmed: Gauge,
     map_errors: Family<ReasonLabel, Counter>,
+}
+
+/// kube-proxy's buckets for network_programming_duration_seconds: 0.25 s steps to 0.5 s,
+/// 1 s steps to 59 s, 5 s steps to 115 s, 30 s steps to 300 s.
+fn programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
 }
 
 fn now_ms() -> u64 {
@@ -39,7 +59,7 @@ fn now_ms() -> u64 {
 }
 
 impl Health {
-    pub fn new() -> anyhow::Result<Self> {
+    pub fn new(timeout: Duration) -> anyhow::Result<Self> {
         let mut registry = Registry::with_prefix("lb");
         // kube-proxy's buckets for sync_proxy_rules_duration_seconds.
         let buckets = prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15);
@@ -57,20 +77,93 @@ impl Health {
             last_sync.clone(),
         );
         registry.register("map_write_errors", "Failed map writes", map_errors.clone());
+        let programming_latency = Histogram::new(programming_buckets());
+        registry.register(
+            "network_programming_duration_seconds",
+            "From an endpoint change (the EndpointSlice's last-change-trigger-time) to the maps written",
+            programming_latency.clone(),
+        );
+        let last_queued = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "sync_proxy_rules_last_queued_timestamp_seconds",
+            "When a change last arrived to be written",
+            last_queued.clone(),
+        );
+        let service_changes = Counter::default();
+        registry.register(
+            "sync_proxy_rules_service_changes",
+            "Service changes received",
+            service_changes.clone(),
+        );
+        let endpoint_changes = Counter::default();
+        registry.register(
+            "sync_proxy_rules_endpoint_changes",
+            "EndpointSlice changes received",
+            endpoint_changes.clone(),
+        );
+        let services_programmed = Gauge::default();
+        registry.register(
+            "services_programmed",
+            "Service ports in the maps",
+            services_programmed.clone(),
+        );
+        let endpoints_programmed = Gauge::default();
+        registry.register(
+            "endpoints_programmed",
+            "Endpoints in the maps, summed over service ports",
+            endpoints_programmed.clone(),
+        );
         Ok(Self {
             last_sync_ms: AtomicU64::new(0),
+            pending_since_ms: AtomicU64::new(0),
+            timeout,
             registry: Mutex::new(registry),
             sync_duration,
+            programming_latency,
             last_sync,
+            last_queued,
+            service_changes,
+            endpoint_changes,
+            services_programmed,
+            endpoints_programmed,
             map_errors,
         })
     }
 
-    pub fn record_sync(&self, report: &SyncReport, took: Duration) {
+    /// Registers more metrics (map fill levels, per-service counters) under the same prefix.
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Changes arrived that are not written yet.
+    pub fn record_changes(&self, services: usize, endpoints: usize) {
+        let now = now_ms();
+        self.service_changes.inc_by(services as u64);
+        self.endpoint_changes.inc_by(endpoints as u64);
+        self.last_queued.set(now as f64 / 1000.0);
+        let _ =
+            self.pending_since_ms
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub fn record_programming_latency(&self, d: Duration) {
+        self.programming_latency.observe(d.as_secs_f64());
+    }
+
+    pub fn record_sync(&self, report: &SyncReport, desired: &DesiredMaps, took: Duration) {
         self.sync_duration.observe(took.as_secs_f64());
         let now = now_ms();
         self.last_sync.set(now as f64 / 1000.0);
         self.last_sync_ms.store(now, Ordering::Relaxed);
+        self.pending_since_ms.store(0, Ordering::Relaxed);
+        self.services_programmed.set(desired.services.len() as i64);
+        self.endpoints_programmed.set(
+            desired
+                .services
+                .values()
+                .map(|s| s.backends.len() as i64)
+                .sum(),
+        );
         let full = report.map_full as u64;
         let other = report.errors.len() as u64 - full;
         if full > 0 {
@@ -99,11 +192,25 @@ impl Health {
     }
 }
 
+impl Health {
+    /// kube-proxy's rule: healthy once synced, unless a change has waited longer than the
+    /// timeout to be written.
+    pub fn healthy(&self) -> bool {
+        if self.last_sync_ms.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        match self.pending_since_ms.load(Ordering::Relaxed) {
+            0 => true,
+            since => now_ms().saturating_sub(since) <= self.timeout.as_millis() as u64,
+        }
+    }
+}
+
 async fn healthz(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    let code = if h.last_sync_ms.load(Ordering::Relaxed) == 0 {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
+    let code = if h.healthy() {
         StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
     (code, h.body())
 }
@@ -112,13 +219,21 @@ async fn livez(State(h): State<Arc<Health>>) -> impl IntoResponse {
     (StatusCode::OK, h.body())
 }
 
-async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    let mut out = String::new();
-    let registry = h.registry.lock().unwrap_or_else(|e| e.into_inner());
-    if encode(&mut out, &registry).is_err() {
-        return (StatusCode::INTERNAL_SERVER_ERROR, String::new());
+impl Health {
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        encode(&mut out, &registry)?;
+        Ok(out)
     }
-    (StatusCode::OK, out)
+}
+
+async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    match h.encode() {
+        Ok(out) => (StatusCode::OK, out),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+    }
 }
 
 /// Serves both listeners until the process ends; a port that cannot be bound is logged,
@@ -150,4 +265,56 @@ pub async fn serve(healthz_addr: SocketAddr, metrics_addr: SocketAddr, health: A
         }
     };
     tokio::join!(a, b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_follows_pending_changes() {
+        let h = Health::new(Duration::from_millis(50)).unwrap();
+        assert!(!h.healthy(), "not synced before the first sync");
+        h.record_sync(
+            &SyncReport::default(),
+            &DesiredMaps::default(),
+            Duration::ZERO,
+        );
+        assert!(h.healthy());
+        h.record_changes(1, 0);
+        assert!(h.healthy(), "a change may wait up to the timeout");
+        // Pretend the change arrived long ago.
+        h.pending_since_ms
+            .store(now_ms() - 1_000, Ordering::Relaxed);
+        assert!(!h.healthy());
+        h.record_changes(0, 1);
+        assert!(!h.healthy(), "a newer change does not reset the oldest");
+        h.record_sync(
+            &SyncReport::default(),
+            &DesiredMaps::default(),
+            Duration::ZERO,
+        );
+        assert!(h.healthy());
+    }
+
+    #[test]
+    fn kube_proxy_metric_names_under_lb() {
+        let h = Health::new(Duration::from_secs(60)).unwrap();
+        h.record_programming_latency(Duration::from_millis(300));
+        let text = h.encode().unwrap();
+        for name in [
+            "lb_sync_proxy_rules_duration_seconds_bucket",
+            "lb_network_programming_duration_seconds_bucket{le=\"0.5\"} 1",
+            "lb_sync_proxy_rules_last_timestamp_seconds",
+            "lb_sync_proxy_rules_last_queued_timestamp_seconds",
+            "lb_sync_proxy_rules_service_changes_total",
+            "lb_sync_proxy_rules_endpoint_changes_total",
+            "lb_services_programmed",
+            "lb_endpoints_programmed",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+        assert_eq!(programming_buckets().len(), 2 + 59 + 12 + 7);
+        assert_eq!(programming_buckets().last(), Some(&300.0));
+    }
 }

@@ -3,11 +3,13 @@
 
 pub mod agent;
 pub mod cli;
+pub mod controller;
 pub mod datapath;
 pub mod desired;
 pub mod health;
 pub mod inspect;
 pub mod interfaces;
+pub mod kubernetes;
 pub mod maglev;
 pub mod manifest;
 pub mod object;

@@ -162,7 +162,7 @@ fn namespace(meta: &ObjectMeta) -> String {
     meta.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
-fn object_ref(meta: &ObjectMeta) -> ObjectRef {
+pub fn object_ref(meta: &ObjectMeta) -> ObjectRef {
     ObjectRef {
         namespace: namespace(meta),
         name: meta.name.clone().unwrap_or_default(),

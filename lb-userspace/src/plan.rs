@@ -466,7 +466,7 @@ fn topology_mode(endpoints: &[Candidate], node: &NodeContext) -> Topology {
     let zone = node.zone.as_deref().unwrap_or("");
     let ready = || endpoints.iter().filter(|c| c.ready);
     let all_node_hints = ready().all(|c| !c.node_hints.is_empty());
-    let for_node = ready().any(|c| c.node_hints.iter().any(|n| *n == node.node_name));
+    let for_node = ready().any(|c| c.node_hints.contains(&node.node_name));
     let all_zone_hints = ready().all(|c| !c.zone_hints.is_empty());
     let for_zone = ready().any(|c| c.zone_hints.iter().any(|z| z == zone));
     if all_node_hints && for_node {
@@ -481,7 +481,7 @@ fn topology_mode(endpoints: &[Candidate], node: &NodeContext) -> Topology {
 fn available(c: &Candidate, topology: &Topology, node: &NodeContext) -> bool {
     match topology {
         Topology::Any => true,
-        Topology::SameNode => c.node_hints.iter().any(|n| *n == node.node_name),
+        Topology::SameNode => c.node_hints.contains(&node.node_name),
         Topology::SameZone => {
             let zone = node.zone.as_deref().unwrap_or("");
             c.zone_hints.iter().any(|z| z == zone)

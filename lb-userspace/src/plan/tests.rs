@@ -474,31 +474,47 @@ fn topology_hints_follow_kube_proxy() {
     let none: &[&str] = &[];
     // Every endpoint hinted, some for this zone: only those.
     assert_eq!(
-        plan_hinted(&[("10.0.0.1", true, a, none), ("10.0.0.2", true, b, none)], ""),
+        plan_hinted(
+            &[("10.0.0.1", true, a, none), ("10.0.0.2", true, b, none)],
+            ""
+        ),
         ["10.0.0.1"]
     );
     // One ready endpoint without hints: hints ignored.
     assert_eq!(
-        plan_hinted(&[("10.0.0.1", true, a, none), ("10.0.0.2", true, none, none)], ""),
+        plan_hinted(
+            &[("10.0.0.1", true, a, none), ("10.0.0.2", true, none, none)],
+            ""
+        ),
         ["10.0.0.1", "10.0.0.2"]
     );
     // A not-ready endpoint without hints does not count.
     assert_eq!(
         plan_hinted(
-            &[("10.0.0.1", true, a, none), ("10.0.0.2", true, b, none), ("10.0.0.3", false, none, none)],
+            &[
+                ("10.0.0.1", true, a, none),
+                ("10.0.0.2", true, b, none),
+                ("10.0.0.3", false, none, none)
+            ],
             ""
         ),
         ["10.0.0.1"]
     );
     // Hinted, but none for this zone: all endpoints.
     assert_eq!(
-        plan_hinted(&[("10.0.0.1", true, b, none), ("10.0.0.2", true, b, none)], ""),
+        plan_hinted(
+            &[("10.0.0.1", true, b, none), ("10.0.0.2", true, b, none)],
+            ""
+        ),
         ["10.0.0.1", "10.0.0.2"]
     );
     // PreferSameNode: node hints for this node win over zone hints.
     assert_eq!(
         plan_hinted(
-            &[("10.0.0.1", true, a, &["n1"]), ("10.0.0.2", true, a, &["n2"])],
+            &[
+                ("10.0.0.1", true, a, &["n1"]),
+                ("10.0.0.2", true, a, &["n2"])
+            ],
             "  trafficDistribution: PreferSameNode"
         ),
         ["10.0.0.1"]
@@ -506,7 +522,10 @@ fn topology_hints_follow_kube_proxy() {
     // Node hints for other nodes only: fall back to the zone hints.
     assert_eq!(
         plan_hinted(
-            &[("10.0.0.1", true, a, &["n3"]), ("10.0.0.2", true, b, &["n2"])],
+            &[
+                ("10.0.0.1", true, a, &["n3"]),
+                ("10.0.0.2", true, b, &["n2"])
+            ],
             ""
         ),
         ["10.0.0.1"]
@@ -514,10 +533,13 @@ fn topology_hints_follow_kube_proxy() {
     // Some endpoint lacks a node hint: zone hints decide.
     assert_eq!(
         plan_hinted(
-            &[("10.0.0.1", true, a, &["n1"]), ("10.0.0.2", true, a, none), ("10.0.0.3", true, b, none)],
+            &[
+                ("10.0.0.1", true, a, &["n1"]),
+                ("10.0.0.2", true, a, none),
+                ("10.0.0.3", true, b, none)
+            ],
             ""
         ),
         ["10.0.0.1", "10.0.0.2"]
     );
 }
-
