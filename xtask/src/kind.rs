@@ -114,6 +114,10 @@ pub struct Inputs {
     /// deploy/lb.yaml with the API server set for kind, as a v1 List.
     pub rendered: Value,
     pub agent_argv: Vec<String>,
+    /// The agent's pin directory on each node.
+    pub bpffs: String,
+    /// The node containers, as kind names them.
+    pub nodes: Vec<String>,
     nodeport: i32,
     local_nodeport: i32,
 }
@@ -259,7 +263,12 @@ impl Inputs {
             stages >= 2 && dockerfile.contains("COPY --from="),
             "{DOCKERFILE}: expected a builder stage and a runtime stage copying from it"
         );
-        let (cluster, _) = kind_config(&root.join(KIND_CONFIG))?;
+        let (cluster, workers) = kind_config(&root.join(KIND_CONFIG))?;
+        let mut nodes = vec![
+            format!("{cluster}-control-plane"),
+            format!("{cluster}-worker"),
+        ];
+        nodes.extend((2..=workers).map(|n| format!("{cluster}-worker{n}")));
 
         let deploy = root.join("deploy");
         let files = manifests::parse_dir(&deploy)?;
@@ -306,6 +315,8 @@ impl Inputs {
             api_server,
             rendered,
             agent_argv,
+            nodes,
+            bpffs: agent.pins.bpffs.display().to_string(),
             nodeport,
             local_nodeport,
         })
@@ -539,7 +550,43 @@ pub fn plan(i: &Inputs) -> (Vec<Step>, Step) {
             in_client(&svc_url(EMPTY, "/")),
             Expect::Exit(CURL_REFUSED),
         ),
+        step(
+            "uninstall: delete the agents (their data path stays)",
+            kubectl(&[
+                "-n",
+                NAMESPACE,
+                "delete",
+                &format!("daemonset/{AGENT}"),
+                "--wait=true",
+            ]),
+            Expect::Success,
+        ),
+        step(
+            "uninstall: lb reset on every node",
+            kubectl(&["apply", "-f", manifests::CLEANUP_PATH]),
+            Expect::Success,
+        ),
+        step(
+            "uninstall: every node is clean",
+            kubectl(&[
+                "-n",
+                NAMESPACE,
+                "rollout",
+                "status",
+                &format!("daemonset/{}", manifests::CLEANUP),
+                "--timeout=300s",
+            ]),
+            Expect::Success,
+        ),
     ];
+    let mut steps = steps;
+    for node in &i.nodes {
+        steps.push(step(
+            &format!("uninstall: no pins left on {node}"),
+            words(&["docker", "exec", node, "test", "!", "-e", &i.bpffs]),
+            Expect::Success,
+        ));
+    }
     let teardown = step(
         "delete the cluster (always, also after a failure)",
         words(&[
@@ -770,6 +817,12 @@ mod tests {
             "docker exec lb-kind-worker curl -sS --max-time 5 http://127.0.0.1:30080/hostname",
             "http://{local_ip}:30081/clientip\n    expect: output starts with {cp_ip}:",
             "http://empty.lb-check.svc.cluster.local/\n    expect: exit code 7",
+            "delete daemonset/lb-agent",
+            "apply -f deploy/cleanup.yaml",
+            "rollout status daemonset/lb-cleanup",
+            "docker exec lb-kind-control-plane test '!' -e /sys/fs/bpf/lb",
+            "docker exec lb-kind-worker test '!' -e /sys/fs/bpf/lb",
+            "docker exec lb-kind-worker2 test '!' -e /sys/fs/bpf/lb",
             "kind delete cluster --name lb-kind",
         ];
         let at: Vec<usize> = order.iter().map(|s| position(&text, s)).collect();

@@ -29,6 +29,7 @@ use serde_json::Value;
 pub const KIND_CONFIG: &str = "kind/cluster.yaml";
 pub const AGENT_MANIFEST: &str = "lb.yaml";
 pub const CLEANUP_MANIFEST: &str = "cleanup.yaml";
+pub const CLEANUP_PATH: &str = "deploy/cleanup.yaml";
 pub const NAMESPACE: &str = "lb-system";
 pub const AGENT: &str = "lb-agent";
 pub const CLEANUP: &str = "lb-cleanup";
