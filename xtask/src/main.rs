@@ -1,8 +1,9 @@
-//! `cargo xtask setup|build|test|lint|demo|bench`: everything a fresh machine needs, from the
+//! `cargo xtask setup|build|test|lint|demo|bench|kind`: everything a fresh machine needs, from the
 //! Debian packages to the demo cluster.
 
 mod bench;
 mod demo;
+mod kind;
 mod setup;
 
 use std::{
@@ -34,6 +35,16 @@ enum Cmd {
     Demo,
     /// Measure the data plane's cost per packet; results go to bench/results/.
     Bench,
+    /// The DaemonSet in a kind cluster without kube-proxy: build, deploy, check, delete.
+    /// Needs docker, kind, kubectl and network access.
+    Kind {
+        /// Validate the inputs and print every step's command without running any.
+        #[arg(long)]
+        dry_run: bool,
+        /// Leave the cluster up afterwards (success or failure).
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +55,7 @@ fn main() -> ExitCode {
         Cmd::Lint => lint(),
         Cmd::Demo => build().and_then(|_| demo::run(&root().join("target/release/lb"))),
         Cmd::Bench => build().and_then(|object| bench::run(&object)),
+        Cmd::Kind { dry_run, keep } => kind::run(&root(), kind::Options { dry_run, keep }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
