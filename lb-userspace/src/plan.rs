@@ -409,18 +409,8 @@ fn endpoints_for(
                 backend_state::INACTIVE
             };
             let hints = ep.hints.as_ref();
-            let zone_hints: Vec<String> = hints
-                .and_then(|h| h.for_zones.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|z| z.name.clone())
-                .collect();
-            let node_hints: Vec<String> = hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|n| n.name.clone())
-                .collect();
+            let zone_hints = hint_names(hints.and_then(|h| h.for_zones.as_ref()), |z| &z.name);
+            let node_hints = hint_names(hints.and_then(|h| h.for_nodes.as_ref()), |n| &n.name);
             for addr in &ep.addresses {
                 let Ok(addr) = addr.parse::<Ipv4Addr>() else {
                     tracing::info!(service = %r, address = %addr, "skipping non-IPv4 endpoint");
@@ -445,6 +435,14 @@ fn endpoints_for(
         }
     }
     found.into_values().collect()
+}
+
+fn hint_names<T>(hints: Option<&Vec<T>>, name: fn(&T) -> &String) -> Vec<String> {
+    hints
+        .into_iter()
+        .flatten()
+        .map(|h| name(h).clone())
+        .collect()
 }
 
 /// The endpoints new flows may use under topology-aware routing, as kube-proxy's

@@ -22,7 +22,7 @@ pub struct KubeSource {
 impl KubeSource {
     pub fn new(rx: mpsc::Receiver<Update>, base: NodeContext, fixed_addresses: bool) -> Self {
         Self {
-            store: KubeStore::new(),
+            store: KubeStore::default(),
             rx,
             base,
             fixed_addresses,

@@ -138,7 +138,6 @@ impl<K: Clone + PartialEq> Tracked<K> {
 }
 
 /// Services, EndpointSlices and this node, as last listed and watched.
-#[derive(Default)]
 pub struct KubeStore {
     pub state: ClusterState,
     pub node: Option<NodeInfo>,
@@ -146,17 +145,23 @@ pub struct KubeStore {
     slices: Tracked<EndpointSlice>,
     /// Trigger times of slice changes seen since the last sync, for the programming latency.
     triggers: Vec<SystemTime>,
-    started: Option<SystemTime>,
+    started: SystemTime,
+}
+
+impl Default for KubeStore {
+    fn default() -> Self {
+        Self {
+            state: ClusterState::default(),
+            node: None,
+            services: Tracked::default(),
+            slices: Tracked::default(),
+            triggers: Vec::new(),
+            started: SystemTime::now(),
+        }
+    }
 }
 
 impl KubeStore {
-    pub fn new() -> Self {
-        Self {
-            started: Some(SystemTime::now()),
-            ..Default::default()
-        }
-    }
-
     /// True once Services and EndpointSlices have each been listed in full: before that the
     /// state would be missing objects, and writing it would delete their entries.
     pub fn synced(&self) -> bool {
@@ -172,14 +177,22 @@ impl KubeStore {
                 ..Default::default()
             },
             Update::Slice(e) => {
-                if let Event::Apply(s) | Event::InitApply(s) = &e {
-                    self.note_trigger(s);
-                }
-                // A slice without the service label belongs to nothing the agent serves.
+                // A slice without the service label belongs to nothing the agent serves; one
+                // that lost it is gone.
                 let e = match e {
-                    Event::Apply(s) | Event::InitApply(s) if service_of(&s).is_none() => {
+                    // Left out of a relist, it is gone at InitDone.
+                    Event::InitApply(s) if service_of(&s).is_none() => return Changes::default(),
+                    Event::Apply(s) if service_of(&s).is_none() => {
                         tracing::debug!(slice = %object_ref(&s.metadata), "EndpointSlice without {} label", crate::manifest::SERVICE_NAME_LABEL);
-                        return Changes::default();
+                        Event::Delete(s)
+                    }
+                    Event::Apply(s) => {
+                        self.note_trigger(&s);
+                        Event::Apply(s)
+                    }
+                    Event::InitApply(s) => {
+                        self.note_trigger(&s);
+                        Event::InitApply(s)
                     }
                     e => e,
                 };
@@ -218,7 +231,7 @@ impl KubeStore {
             return;
         };
         let t = SystemTime::from(t);
-        if self.started.is_some_and(|s| t > s) {
+        if t > self.started {
             self.triggers.push(t);
         }
     }
@@ -262,7 +275,7 @@ mod tests {
 
     #[test]
     fn a_relist_replaces_at_init_done_only() {
-        let mut s = KubeStore::new();
+        let mut s = KubeStore::default();
         s.update(Update::Service(Event::Init));
         s.update(Update::Service(Event::InitApply(svc("a", "10.0.0.1"))));
         assert!(names(&s).is_empty() && !s.synced());
@@ -301,7 +314,7 @@ mod tests {
             ]}
         }))
         .unwrap();
-        let mut s = KubeStore::new();
+        let mut s = KubeStore::default();
         assert!(s.update(Update::Node(Event::Apply(node.clone()))).node);
         let info = s.node.clone().unwrap();
         assert_eq!(
@@ -317,7 +330,7 @@ mod tests {
 
     #[test]
     fn trigger_times_after_start_only() {
-        let mut s = KubeStore::new();
+        let mut s = KubeStore::default();
         let slice = |t: &str| -> EndpointSlice {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "x", "namespace": "ns",
@@ -332,5 +345,33 @@ mod tests {
         s.update(Update::Slice(Event::Apply(slice(&later.to_string()))));
         assert_eq!(s.take_triggers().len(), 1);
         assert!(s.take_triggers().is_empty());
+    }
+
+    #[test]
+    fn a_slice_that_loses_its_service_label_is_gone() {
+        let slice = |labelled: bool| -> EndpointSlice {
+            let labels = if labelled {
+                serde_json::json!({"kubernetes.io/service-name": "a"})
+            } else {
+                serde_json::json!({})
+            };
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "x", "namespace": "ns", "labels": labels},
+                "addressType": "IPv4", "endpoints": []
+            }))
+            .unwrap()
+        };
+        let mut s = KubeStore::default();
+        assert_eq!(
+            s.update(Update::Slice(Event::Apply(slice(true)))).endpoints,
+            1
+        );
+        assert_eq!(
+            s.update(Update::Slice(Event::Apply(slice(false))))
+                .endpoints,
+            1
+        );
+        assert!(s.state.slices.is_empty());
+        assert!(!s.update(Update::Slice(Event::Apply(slice(false)))).any());
     }
 }
