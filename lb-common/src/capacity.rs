@@ -20,6 +20,9 @@ pub const AFFINITY: u32 = 65_536;
 pub const SOCK_REVNAT: u32 = 65_536;
 /// Source-NATed flows to backends on other nodes.
 pub const SNAT: u32 = 131_072;
+/// Packets XDP handed to TC because their next hop's neighbour was not resolved yet; each
+/// entry lives from XDP_PASS to the same packet's TC ingress, so few are ever in use.
+pub const NEIGH_PENDING: u32 = 1_024;
 /// Per-service counters are indexed by service id, so this is also the id space.
 pub const SERVICE_STATS: u32 = SERVICES;
 

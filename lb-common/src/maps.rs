@@ -12,6 +12,7 @@ pub const AFFINITY: &str = "AFFINITY";
 pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
 pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
 pub const SNAT: &str = "SNAT";
+pub const NEIGH_PENDING: &str = "NEIGH_PENDING";
 pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 pub const CONFIG: &str = "CONFIG";
 pub const SERVICE_STATS: &str = "SVC_STATS";
@@ -19,7 +20,7 @@ pub const VERDICT_STATS: &str = "VERDICT_STATS";
 pub const DROP_STATS: &str = "DROP_STATS";
 
 /// Every map the programs declare, in the order `lb reset` and layout checks walk them.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -32,6 +33,7 @@ pub const ALL: [&str; 16] = [
     SOCK_REVNAT,
     SNAT_CONFIG,
     SNAT,
+    NEIGH_PENDING,
     CONFIG,
     SERVICE_STATS,
     VERDICT_STATS,

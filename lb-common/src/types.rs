@@ -296,7 +296,8 @@ pub struct SnatValue {
     pub front_port: u16,
 }
 
-/// Identifies an IPv4 datagram whose first fragment was translated.
+/// Identifies an IPv4 datagram: a fragmented one whose first fragment was translated, or
+/// one XDP handed to TC to resolve its next hop.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragKey {

@@ -1,9 +1,11 @@
 //! Sending a translated packet to another node straight from XDP: the kernel's FIB names
 //! the next hop and its MAC, the TTL goes down by one as in any router, and the frame
 //! leaves by XDP_TX (or a redirect to another interface). When the next hop's neighbour
-//! entry is not resolved yet, the packet is handed to the uplink's TC ingress with a mark
-//! in the XDP metadata, and TC sends it with `bpf_redirect_neigh`, which resolves it: the
+//! entry is not resolved yet, XDP passes the packet up after noting it in NEIGH_PENDING,
+//! and the uplink's TC ingress sends it with `bpf_redirect_neigh`, which resolves it: the
 //! stack itself would drop a frame that arrives carrying the node's own source address.
+//! A map rather than the XDP metadata carries the note, since some kernels refuse
+//! `bpf_xdp_adjust_meta` to XDP programs.
 
 use core::mem::size_of;
 
@@ -11,15 +13,14 @@ use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
     },
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_meta,
-    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
 };
-use lb_common::stats::drop_reason;
+use lb_common::{stats::drop_reason, FragKey};
 
 use crate::{
     csum,
+    maps::NEIGH_PENDING,
     parse::{ptr_at, Flow},
     stats::count_drop,
 };
@@ -27,16 +28,6 @@ use crate::{
 const AF_INET: u8 = 2;
 /// `BPF_FIB_LKUP_RET_FRAG_NEEDED` (uapi/linux/bpf.h), which the BPF-target bindings lack.
 const FIB_FRAG_NEEDED: u32 = 8;
-/// Marks a packet, in the XDP metadata, whose next hop TC must resolve ("LBNH").
-const NEIGH_MARK: u32 = 0x4c42_4e48;
-
-/// The metadata XDP leaves for TC.
-#[repr(C)]
-struct NeighMeta {
-    mark: u32,
-    ifindex: u32,
-}
-
 /// Decrements the TTL with an incremental checksum update; None when it has run out.
 #[inline(always)]
 fn decrement_ttl(data: usize, data_end: usize, l3: usize) -> Option<()> {
@@ -106,7 +97,7 @@ pub fn xdp_send(ctx: &XdpContext, flow: &Flow) -> u32 {
         return xdp_action::XDP_DROP;
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-        return pass_to_tc(ctx, p.ifindex);
+        return pass_to_tc(ctx, flow, p.ifindex);
     }
     let Some(eth) = ptr_at::<[u8; 12]>(ctx.data(), ctx.data_end(), 0) else {
         count_drop(drop_reason::MALFORMED);
@@ -123,36 +114,40 @@ pub fn xdp_send(ctx: &XdpContext, flow: &Flow) -> u32 {
     }
 }
 
+/// The datagram's identity as its IPv4 header says it now, after translation.
 #[inline(always)]
-fn pass_to_tc(ctx: &XdpContext, ifindex: u32) -> u32 {
-    let room = size_of::<NeighMeta>() as i32;
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -room) } != 0 {
+fn datagram(data: usize, data_end: usize, l3: usize) -> Option<FragKey> {
+    let ip: *const [u8; 20] = ptr_at(data, data_end, l3)?;
+    let ip = unsafe { &*ip };
+    Some(FragKey::new(
+        u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        u16::from_ne_bytes([ip[4], ip[5]]),
+        ip[9],
+    ))
+}
+
+#[inline(always)]
+fn pass_to_tc(ctx: &XdpContext, flow: &Flow, ifindex: u32) -> u32 {
+    let noted = datagram(ctx.data(), ctx.data_end(), flow.l3_off)
+        .is_some_and(|key| NEIGH_PENDING.insert(&key, &ifindex, 0).is_ok());
+    if !noted {
         count_drop(drop_reason::NO_ROUTE);
         return xdp_action::XDP_DROP;
-    }
-    let (meta, data) = (ctx.metadata(), ctx.data());
-    let Some(m) = ptr_at::<NeighMeta>(meta, data, 0) else {
-        count_drop(drop_reason::NO_ROUTE);
-        return xdp_action::XDP_DROP;
-    };
-    unsafe {
-        (*m).mark = NEIGH_MARK;
-        (*m).ifindex = ifindex;
     }
     xdp_action::XDP_PASS
 }
 
-/// TC ingress on an uplink: sends on the packets XDP marked, resolving the next hop.
+/// TC ingress on an uplink: sends on the packets XDP passed up, resolving the next hop.
+/// Everything else goes to the stack untouched.
 #[inline(always)]
-pub fn tc_send_marked(ctx: &TcContext) -> i32 {
-    let skb = ctx.skb.skb;
-    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
-    let Some(m) = ptr_at::<NeighMeta>(meta, data, 0) else {
+pub fn tc_send_pending(ctx: &TcContext, flow: &Flow) -> i32 {
+    let Some(key) = datagram(ctx.data(), ctx.data_end(), flow.l3_off) else {
         return TC_ACT_OK as i32;
     };
-    let m = unsafe { &*m };
-    if m.mark != NEIGH_MARK {
+    let Some(ifindex) = (unsafe { NEIGH_PENDING.get(&key) }).copied() else {
         return TC_ACT_OK as i32;
-    }
-    unsafe { bpf_redirect_neigh(m.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    };
+    let _ = NEIGH_PENDING.remove(&key);
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }

@@ -423,7 +423,10 @@ pub fn lb_pod_egress(ctx: TcContext) -> i32 {
 /// first be resolved.
 #[classifier]
 pub fn lb_uplink_ingress(ctx: TcContext) -> i32 {
-    fib::tc_send_marked(&ctx)
+    match parse(ctx.data(), ctx.data_end()) {
+        Ok(flow) => fib::tc_send_pending(&ctx, &flow),
+        Err(_) => TC_ACT_OK,
+    }
 }
 
 /// Egress of an uplink: replies leaving the node.

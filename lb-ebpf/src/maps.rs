@@ -37,6 +37,10 @@ pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
 pub static SNAT_CONFIG: Array<SnatConfig> = Array::pinned(1, 0);
 #[map]
 pub static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNAT, 0);
+/// (source, destination, IP id, protocol) of a packet XDP passed up for TC to send, with
+/// the interface the FIB chose.
+#[map]
+pub static NEIGH_PENDING: LruHashMap<FragKey, u32> = LruHashMap::pinned(capacity::NEIGH_PENDING, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
