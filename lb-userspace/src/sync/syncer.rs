@@ -116,10 +116,15 @@ impl<S: MapStore> Syncer<S> {
         self.service_ids.len()
     }
 
+    /// The id of every service port, as the data path's per-service counters are indexed.
+    pub fn service_ids(&self) -> &BTreeMap<ServicePortId, u32> {
+        &self.service_ids
+    }
+
     pub fn apply(&mut self, desired: &DesiredMaps) -> SyncReport {
         let mut report = SyncReport::default();
         self.tick();
-        self.assign_service_ids(desired);
+        self.assign_service_ids(desired, &mut report);
         let mut want_services: BTreeMap<ServiceKey, ServiceValue> = BTreeMap::new();
         let mut want_backends: BTreeSet<u32> = BTreeSet::new();
         let mut want_ranges: BTreeSet<SourceRange> = BTreeSet::new();
@@ -243,8 +248,9 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Keeps the id a service port already has (also one recovered from the maps through
-    /// its frontend keys), and gives new service ports the lowest free id.
-    fn assign_service_ids(&mut self, desired: &DesiredMaps) {
+    /// its frontend keys), and gives new service ports the lowest free id, whose counters
+    /// start again from zero (a recovered id keeps counting for the same service port).
+    fn assign_service_ids(&mut self, desired: &DesiredMaps, report: &mut SyncReport) {
         self.service_ids
             .retain(|id, _| desired.services.contains_key(id));
         let mut taken: BTreeSet<u32> = self.service_ids.values().copied().collect();
@@ -277,6 +283,11 @@ impl<S: MapStore> Syncer<S> {
             }
             taken.insert(next);
             self.service_ids.insert(id.clone(), next);
+            // Before any entry names the id. A failure only leaves old counts behind.
+            match self.store.reset_service_counters(next) {
+                Ok(()) => report.writes += 1,
+                Err(e) => report.fail(&format!("counters of service {id}"), e),
+            }
         }
     }
 
