@@ -121,6 +121,19 @@ impl<S: MapStore> Syncer<S> {
         &self.service_ids
     }
 
+    /// Entries in use in the maps this syncer writes, from its own record of them (no map
+    /// reads): frontends (ClusterIP markers included), backends, Maglev slots (tables in
+    /// use and those still in their grace period), node addresses and source ranges.
+    pub fn fill_levels(&self) -> [(&'static str, u64); 5] {
+        [
+            (maps::SERVICES, self.services.len() as u64),
+            (maps::BACKENDS, self.backends.len() as u64),
+            (maps::MAGLEV, u64::from(self.alloc.used())),
+            (maps::NODE_ADDRESSES, self.node_addresses.len() as u64),
+            (maps::SOURCE_RANGES, self.source_ranges.len() as u64),
+        ]
+    }
+
     pub fn apply(&mut self, desired: &DesiredMaps) -> SyncReport {
         let mut report = SyncReport::default();
         self.tick();
