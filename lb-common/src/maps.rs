@@ -18,9 +18,11 @@ pub const CONFIG: &str = "CONFIG";
 pub const SERVICE_STATS: &str = "SVC_STATS";
 pub const VERDICT_STATS: &str = "VERDICT_STATS";
 pub const DROP_STATS: &str = "DROP_STATS";
+/// Packets of each service dropped by the programs, indexed by service id.
+pub const SERVICE_DROPS: &str = "SVC_DROPS";
 
 /// Every map the programs declare, in the order `lb reset` and layout checks walk them.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -38,4 +40,5 @@ pub const ALL: [&str; 17] = [
     SERVICE_STATS,
     VERDICT_STATS,
     DROP_STATS,
+    SERVICE_DROPS,
 ];

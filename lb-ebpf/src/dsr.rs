@@ -18,7 +18,7 @@ use crate::{
     nat::{End, Rewrite},
     parse::{parse, ptr_at, Flow, ETH_HLEN},
     select::{lookup, Choice},
-    stats::{count_drop, count_service, count_verdict},
+    stats::{count_drop, count_service, count_service_drop, count_verdict},
 };
 
 const OUTER_LEN: usize = 20;
@@ -167,6 +167,7 @@ fn deliver(ctx: &XdpContext, inner: &Flow, pod: u32, port: u16) -> u32 {
     count_service(svc.id, bytes);
     if ctx.rewrite(inner, End::Dst, addr, port).is_err() {
         count_drop(drop_reason::REWRITE_FAILED);
+        count_service_drop(svc.id);
         return xdp_action::XDP_DROP;
     }
     count_verdict(verdict::DNAT, bytes);

@@ -39,20 +39,23 @@ use crate::{
     nat::{End, Rewrite},
     parse::{parse, Flow, Unparsed},
     service::{Forward, Route},
-    stats::{count_drop, count_service, count_verdict},
+    stats::{count_drop, count_service, count_service_drop, count_verdict},
 };
 
 /// What a program does with the packet, before it is mapped to the hook's return code.
+/// Outcomes that may still fail carry the service id, so that such a drop is counted
+/// for the service too.
 enum Outcome {
     Pass,
     Translated,
     /// Translated, and to be sent back out of the interface it came in on (hairpin).
-    Hairpin,
+    Hairpin(u32),
     /// Translated, and to be sent to its next hop as the FIB says (SNAT, from XDP).
-    Fib,
+    Fib(u32),
     /// To be tunnelled, untranslated, to this backend (address, port) on another node.
-    Tunnel(u32, u16),
-    Reject,
+    Tunnel(u32, u16, u32),
+    Reject(u32),
+    /// Dropped; the reason (and the service, when known) are counted already.
     Drop,
 }
 
@@ -143,33 +146,36 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
             count_service(service, bytes);
             if route == Route::Tunnel {
                 count_verdict(verdict::DNAT, bytes);
-                return Outcome::Tunnel(addr, port);
+                return Outcome::Tunnel(addr, port, service);
             }
             if ctx.rewrite(flow, End::Dst, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
+                count_service_drop(service);
                 return Outcome::Drop;
             }
             let (src, sport) = snat.unwrap_or((flow.src, flow.sport));
             if snat.is_some() && ctx.rewrite(flow, End::Src, src, sport).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
+                count_service_drop(service);
                 return Outcome::Drop;
             }
             fragments::remember(flow, src, addr);
             count_verdict(verdict::DNAT, bytes);
             match route {
                 Route::Stack => Outcome::Translated,
-                Route::Hairpin => Outcome::Hairpin,
-                Route::Fib => Outcome::Fib,
-                Route::Tunnel => Outcome::Tunnel(addr, port),
+                Route::Hairpin => Outcome::Hairpin(service),
+                Route::Fib => Outcome::Fib(service),
+                Route::Tunnel => Outcome::Tunnel(addr, port, service),
             }
         }
         Forward::Reject { service } => {
             count_service(service, bytes);
-            Outcome::Reject
+            Outcome::Reject(service)
         }
         Forward::Drop { service, reason } => {
             count_service(service, bytes);
             count_drop(reason);
+            count_service_drop(service);
             Outcome::Drop
         }
     }
@@ -186,12 +192,13 @@ fn hairpin_reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
                 && ctx.rewrite(flow, End::Dst, flow.src, flow.dport).is_ok();
             if !ok {
                 count_drop(drop_reason::REWRITE_FAILED);
+                count_service_drop(service);
                 return Outcome::Drop;
             }
             fragments::remember(flow, addr, flow.src);
             count_service(service, bytes);
             count_verdict(verdict::REVERSE_NAT, bytes);
-            Outcome::Hairpin
+            Outcome::Hairpin(service)
         }
         _ => Outcome::Pass,
     }
@@ -212,12 +219,13 @@ fn snat_reply<C: Rewrite>(ctx: &C, flow: &Flow, t: &SnatValue, bytes: u64) -> Ou
             .is_ok();
     if !ok {
         count_drop(drop_reason::REWRITE_FAILED);
+        count_service_drop(service);
         return Outcome::Drop;
     }
     fragments::remember(flow, addr, t.client_addr);
     count_service(service, bytes);
     count_verdict(verdict::REVERSE_NAT, bytes);
-    Outcome::Fib
+    Outcome::Fib(service)
 }
 
 /// Reverse NAT of replies; shared by both egress programs.
@@ -236,11 +244,13 @@ fn reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Outcome {
         Some((addr, port, service, flags)) => {
             if ctx.rewrite(flow, End::Src, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
+                count_service_drop(service);
                 return Outcome::Drop;
             }
             let syn = flow.proto == proto::TCP && flow.tcp_flags & parse::TCP_SYN != 0;
             if flags & ct_flags::DSR != 0 && syn && mss::clamp(ctx, flow).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
+                count_service_drop(service);
                 return Outcome::Drop;
             }
             fragments::remember(flow, addr, flow.dst);
@@ -267,17 +277,20 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     match forward(&ctx, &flow, scope::EXTERNAL, bytes) {
         // Hairpin needs a pod as the client: it never happens on an uplink.
-        Outcome::Pass | Outcome::Translated | Outcome::Hairpin => xdp_action::XDP_PASS,
-        Outcome::Fib => {
+        Outcome::Pass | Outcome::Translated | Outcome::Hairpin(_) => xdp_action::XDP_PASS,
+        Outcome::Fib(service) => {
+            // The reason (no route, MTU) is counted where the FIB said so.
             let action = fib::xdp_send(&ctx, &flow);
             if action == xdp_action::XDP_DROP {
+                count_service_drop(service);
                 count_verdict(verdict::DROP, bytes);
             }
             action
         }
-        Outcome::Tunnel(addr, port) => {
+        Outcome::Tunnel(addr, port, service) => {
             let action = dsr::xdp_encap(&ctx, &flow, addr, port);
             if action == xdp_action::XDP_DROP {
+                count_service_drop(service);
                 count_verdict(verdict::DROP, bytes);
             }
             action
@@ -286,13 +299,14 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             count_verdict(verdict::DROP, bytes);
             xdp_action::XDP_DROP
         }
-        Outcome::Reject => match xdp_reject(&ctx, &flow) {
+        Outcome::Reject(service) => match xdp_reject(&ctx, &flow) {
             Some(()) => {
                 count_verdict(verdict::REJECT, bytes);
                 xdp_action::XDP_TX
             }
             None => {
                 count_drop(drop_reason::REJECT_FAILED);
+                count_service_drop(service);
                 count_verdict(verdict::DROP, bytes);
                 xdp_action::XDP_DROP
             }
@@ -342,10 +356,11 @@ fn xdp_reject(ctx: &XdpContext, flow: &Flow) -> Option<()> {
 fn tc_verdict(outcome: Outcome, ctx: &TcContext, flow: &Flow, bytes: u64) -> i32 {
     match outcome {
         // SNAT and DSR flows are only made by XDP, which sends them itself.
-        Outcome::Pass | Outcome::Translated | Outcome::Fib | Outcome::Tunnel(..) => TC_ACT_OK,
-        Outcome::Hairpin => {
+        Outcome::Pass | Outcome::Translated | Outcome::Fib(_) | Outcome::Tunnel(..) => TC_ACT_OK,
+        Outcome::Hairpin(service) => {
             if reject::swap_macs(ctx.data(), ctx.data_end()).is_none() {
                 count_drop(drop_reason::REWRITE_FAILED);
+                count_service_drop(service);
                 count_verdict(verdict::DROP, bytes);
                 return TC_ACT_SHOT;
             }
@@ -356,7 +371,7 @@ fn tc_verdict(outcome: Outcome, ctx: &TcContext, flow: &Flow, bytes: u64) -> i32
             count_verdict(verdict::DROP, bytes);
             TC_ACT_SHOT
         }
-        Outcome::Reject => match tc_reject(ctx, flow) {
+        Outcome::Reject(service) => match tc_reject(ctx, flow) {
             Some(()) => {
                 count_verdict(verdict::REJECT, bytes);
                 // Back out of the interface it came in on, to the pod that sent it.
@@ -364,6 +379,7 @@ fn tc_verdict(outcome: Outcome, ctx: &TcContext, flow: &Flow, bytes: u64) -> i32
             }
             None => {
                 count_drop(drop_reason::REJECT_FAILED);
+                count_service_drop(service);
                 count_verdict(verdict::DROP, bytes);
                 TC_ACT_SHOT
             }

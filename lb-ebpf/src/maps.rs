@@ -49,3 +49,6 @@ pub static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::SERVI
 pub static VERDICT_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(stats::verdict::COUNT, 0);
 #[map]
 pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::drop_reason::COUNT, 0);
+/// Dropped packets per service id (the reasons are counted in DROP_STATS).
+#[map]
+pub static SVC_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::SERVICE_STATS, 0);

@@ -21,7 +21,7 @@ use crate::{
     maps::{SOCK_CONFIG, SOCK_REVNAT},
     select::{client_hash, fmix, is_node_address, known_cluster_ip, lookup, select_by_hash},
     source_range,
-    stats::{count_drop, count_service, count_verdict},
+    stats::{count_drop, count_service, count_service_drop, count_verdict},
 };
 
 const AF_INET: u32 = 2;
@@ -111,6 +111,7 @@ fn decide(dst: u32, dport: u16, proto_nr: u8, cookie: u64, cfg: &SockConfig) -> 
                 Ok(b) => b,
                 Err(reason) => {
                     count_drop(reason);
+                    count_service_drop(svc.id);
                     return Decision::Reject;
                 }
             }

@@ -1,8 +1,9 @@
-//! Per-CPU counters: packets and bytes per service and per verdict, drops per reason.
+//! Per-CPU counters: packets and bytes per service and per verdict, drops per reason and
+//! per service.
 
 use lb_common::Counter;
 
-use crate::maps::{DROP_STATS, SVC_STATS, VERDICT_STATS};
+use crate::maps::{DROP_STATS, SVC_DROPS, SVC_STATS, VERDICT_STATS};
 
 #[inline(always)]
 fn add(counter: Option<*mut Counter>, bytes: u64) {
@@ -23,6 +24,15 @@ pub fn count_verdict(verdict: u32, bytes: u64) {
 #[inline(always)]
 pub fn count_service(id: u32, bytes: u64) {
     add(SVC_STATS.get_ptr_mut(id), bytes);
+}
+
+/// A dropped packet of service `id`, counted beside its reason (`count_drop`) wherever the
+/// drop happens after the service was known.
+#[inline(always)]
+pub fn count_service_drop(id: u32) {
+    if let Some(c) = SVC_DROPS.get_ptr_mut(id) {
+        unsafe { *c += 1 };
+    }
 }
 
 #[inline(always)]

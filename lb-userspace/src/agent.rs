@@ -17,6 +17,7 @@ use crate::{
     interfaces,
     kubernetes::{self, KubeSource},
     manifest::ManifestSource,
+    metrics::{DatapathMetrics, PinnedCounters},
     service_health::ServiceHealth,
     socket_lb,
     state::NodeContext,
@@ -124,8 +125,16 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     ));
 
     let syncer = Syncer::recover(dp.maps()?, config)?;
-    let mut ctl = Controller::new(node.clone(), syncer, health);
+    let mut ctl = Controller::new(node.clone(), syncer, health.clone());
     ctl.service_health = Some(ServiceHealth::default());
+    match PinnedCounters::open(&args.pins.bpffs) {
+        Ok(counters) => {
+            let m = Arc::new(DatapathMetrics::new(counters));
+            health.register(|r| r.register_collector(Box::new(m.clone())));
+            ctl.metrics = Some(m);
+        }
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "no map fill or per-service metrics"),
+    }
     let mut input = match (source, kube_client) {
         (Source::Kubernetes, Some(client)) => {
             let updates = kubernetes::watch::spawn(client, &node.node_name);
@@ -157,7 +166,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = ticker.tick() => {
                 input.poll_files(&mut ctl);
-                ctl.syncer.tick();
+                ctl.tick();
                 // A failed attach gets no second netlink message: retry it here.
                 if !pods_complete {
                     pods_complete = attach_pods(&mut dp, &args.pod_ifaces, &uplinks);

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Instant};
 
 use crate::{
     health::Health,
+    metrics::DatapathMetrics,
     plan::plan,
     service_health::ServiceHealth,
     state::{ClusterState, NodeContext},
@@ -17,6 +18,8 @@ pub struct Controller<M: MapStore> {
     pub health: Arc<Health>,
     /// healthCheckNodePort listeners; none where the agent does not serve them (tests).
     pub service_health: Option<ServiceHealth>,
+    /// Told the service ids and map fill levels after every sync, for the scrape.
+    pub metrics: Option<Arc<DatapathMetrics>>,
 }
 
 impl<M: MapStore> Controller<M> {
@@ -26,6 +29,15 @@ impl<M: MapStore> Controller<M> {
             syncer,
             health,
             service_health: None,
+            metrics: None,
+        }
+    }
+
+    /// Between syncs: frees Maglev ranges whose grace period has passed.
+    pub fn tick(&mut self) {
+        self.syncer.tick();
+        if let Some(m) = &self.metrics {
+            m.publish_fill(self.syncer.fill_levels());
         }
     }
 
@@ -45,6 +57,9 @@ impl<M: MapStore> Controller<M> {
         }
         self.health
             .record_sync(&report, &plan.desired, started.elapsed());
+        if let Some(m) = &self.metrics {
+            m.publish(self.syncer.service_ids(), self.syncer.fill_levels());
+        }
         tracing::info!(
             services = plan.desired.services.len(),
             writes = report.writes,

@@ -230,9 +230,11 @@ impl Health {
 }
 
 async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    match h.encode() {
-        Ok(out) => (StatusCode::OK, out),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+    // Collectors read the maps (a walk of the conntrack map takes a syscall per entry): off
+    // the async workers.
+    match tokio::task::spawn_blocking(move || h.encode()).await {
+        Ok(Ok(out)) => (StatusCode::OK, out),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
     }
 }
 

@@ -268,10 +268,18 @@ struct Totals {
 }
 
 #[derive(Serialize, Default)]
+struct ServiceTotals {
+    packets: u64,
+    bytes: u64,
+    /// Packets of the service the programs dropped (the reasons are under `drops`).
+    drops: u64,
+}
+
+#[derive(Serialize, Default)]
 struct StatsOut {
     verdicts: BTreeMap<&'static str, Totals>,
     drops: BTreeMap<&'static str, u64>,
-    services: BTreeMap<u32, Totals>,
+    services: BTreeMap<u32, ServiceTotals>,
 }
 
 /// Sums one counter over all CPUs.
@@ -287,6 +295,12 @@ pub fn stats(dir: &Path, output: Output) -> anyhow::Result<()> {
     let verdicts: PerCpuArray<MapData, Counter> = open_pin(dir, maps::VERDICT_STATS)?.try_into()?;
     let drops: PerCpuArray<MapData, u64> = open_pin(dir, maps::DROP_STATS)?.try_into()?;
     let svcs: PerCpuArray<MapData, Counter> = open_pin(dir, maps::SERVICE_STATS)?.try_into()?;
+    // Pins of an agent older than the map have no per-service drops.
+    let svc_drops: Option<PerCpuArray<MapData, u64>> = if dir.join(maps::SERVICE_DROPS).exists() {
+        Some(open_pin(dir, maps::SERVICE_DROPS)?.try_into()?)
+    } else {
+        None
+    };
     let mut out = StatsOut::default();
     for (i, name) in stats::verdict::NAMES.iter().enumerate() {
         out.verdicts
@@ -304,7 +318,19 @@ pub fn stats(dir: &Path, output: Output) -> anyhow::Result<()> {
         .filter(|id| *id != 0)
         .collect();
     for id in ids {
-        out.services.insert(id, sum(&svcs.get(&id, 0)?));
+        let Totals { packets, bytes } = sum(&svcs.get(&id, 0)?);
+        let drops = match &svc_drops {
+            Some(d) => d.get(&id, 0)?.iter().sum(),
+            None => 0,
+        };
+        out.services.insert(
+            id,
+            ServiceTotals {
+                packets,
+                bytes,
+                drops,
+            },
+        );
     }
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -318,9 +344,15 @@ pub fn stats(dir: &Path, output: Output) -> anyhow::Result<()> {
     for (name, n) in out.drops.iter().filter(|(n, _)| **n != "unused") {
         println!("{:<20} {:>12}", name, n);
     }
-    println!("\n{:<10} {:>12} {:>14}", "SERVICE", "PACKETS", "BYTES");
+    println!(
+        "\n{:<10} {:>12} {:>14} {:>12}",
+        "SERVICE", "PACKETS", "BYTES", "DROPS"
+    );
     for (id, c) in &out.services {
-        println!("{:<10} {:>12} {:>14}", id, c.packets, c.bytes);
+        println!(
+            "{:<10} {:>12} {:>14} {:>12}",
+            id, c.packets, c.bytes, c.drops
+        );
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod interfaces;
 pub mod kubernetes;
 pub mod maglev;
 pub mod manifest;
+pub mod metrics;
 pub mod object;
 pub mod plan;
 pub mod service_health;

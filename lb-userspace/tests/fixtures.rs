@@ -508,6 +508,13 @@ impl Datapath {
         a.get(&reason, 0).unwrap().iter().sum()
     }
 
+    /// Dropped packets of one service, over all CPUs.
+    fn service_drops(&mut self, service_id: u32) -> u64 {
+        let a = PerCpuArray::<_, u64>::try_from(self.ebpf.map_mut(maps::SERVICE_DROPS).unwrap())
+            .unwrap();
+        a.get(&service_id, 0).unwrap().iter().sum()
+    }
+
     /// Runs a program once on `packet` (the kernel re-runs on the rewritten buffer with
     /// repeat > 1) and returns its verdict and the packet as it left.
     fn run(&mut self, program: &str, packet: &[u8]) -> (u32, Vec<u8>) {
@@ -884,6 +891,8 @@ fn xdp_rejects_tcp_with_rst() {
     });
     expect(&mut dp, XDP, &ack, XDP_TX, &rst.bytes());
     assert_eq!(dp.counter(maps::VERDICT_STATS, verdict::REJECT).packets, 3);
+    assert_eq!(dp.counter(maps::SERVICE_STATS, 1).packets, 3);
+    assert_eq!(dp.service_drops(1), 0, "a reject is no drop");
 }
 
 #[test]
@@ -962,6 +971,11 @@ fn local_policy_without_local_endpoint_drops() {
     assert_eq!(rc, TC_ACT_SHOT);
     assert_eq!(dp.drops(drop_reason::NO_LOCAL_ENDPOINT), 2);
     assert_eq!(dp.counter(maps::VERDICT_STATS, verdict::DROP).packets, 2);
+    // Each drop is counted for its service, in XDP and in TC.
+    assert_eq!((dp.service_drops(8), dp.service_drops(9)), (1, 1));
+    dp.run(POD_INGRESS, &udp.bytes());
+    assert_eq!((dp.service_drops(8), dp.service_drops(9)), (1, 2));
+    assert_eq!(dp.counter(maps::SERVICE_STATS, 9).packets, 2);
 }
 
 #[test]

@@ -218,6 +218,36 @@ fn answers(s: &Setup, to: SocketAddr, n: usize) -> BTreeSet<String> {
     })
 }
 
+/// The agent's Prometheus text, fetched inside the node namespace where it listens
+/// (`--metrics-addr 127.0.0.1:10249`).
+fn scrape_metrics(s: &Setup) -> String {
+    s.cluster
+        .node
+        .run(|| -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let to = SocketAddr::from((Ipv4Addr::LOCALHOST, 10249));
+            let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            c.read_to_string(&mut text)?;
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            Ok(text)
+        })
+        .expect("node namespace")
+        .expect("the agent's metrics")
+}
+
+/// The value of one series (name with labels, as printed) in Prometheus text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn service_series(metric: &str, name: &str, port: &str, protocol: &str) -> String {
+    format!("lb_{metric}_total{{namespace=\"demo\",name=\"{name}\",port=\"{port}\",protocol=\"{protocol}\"}}")
+}
+
 #[test]
 #[ignore = "needs root and the eBPF object: cargo xtask test"]
 fn client_reaches_nodeport_and_lb_ip_on_both_pods_over_tcp_and_udp() {
@@ -254,6 +284,37 @@ fn client_reaches_nodeport_and_lb_ip_on_both_pods_over_tcp_and_udp() {
         v["verdicts"]["reverse_nat"]["packets"].as_u64().unwrap() > 0,
         "{stats}"
     );
+    let services = v["services"].as_object().unwrap();
+    assert!(
+        services.values().all(|c| c["drops"].as_u64() == Some(0)),
+        "{stats}"
+    );
+
+    // The agent's metrics: conntrack entries of these flows, counters per service port.
+    let text = scrape_metrics(&s);
+    let ct = metric(&text, "lb_map_entries{map=\"CONNTRACK\"}");
+    assert!(ct.is_some_and(|n| n > 0.0), "{text}");
+    let cap = metric(&text, "lb_map_capacity{map=\"CONNTRACK\"}");
+    assert_eq!(
+        cap,
+        Some(f64::from(lb_common::capacity::CONNTRACK)),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "lb_map_entries{map=\"NODE_ADDRS\"}"),
+        Some(1.0)
+    );
+    for (port, protocol) in [("http", "TCP"), ("dns", "UDP")] {
+        for m in ["service_packets", "service_bytes"] {
+            let series = service_series(m, "echo", port, protocol);
+            let n = metric(&text, &series);
+            assert!(n.is_some_and(|n| n > 0.0), "{series} in\n{text}");
+        }
+        let drops = service_series("service_drops", "echo", port, protocol);
+        assert_eq!(metric(&text, &drops), Some(0.0), "{text}");
+    }
+    let idle = service_series("service_packets", "empty", "http", "TCP");
+    assert_eq!(metric(&text, &idle), Some(0.0), "{text}");
 }
 
 #[test]
@@ -653,6 +714,18 @@ fn source_ranges_drop_other_clients_at_the_lb_ip_only() {
     let stats = s.cluster.lb("stats", &["--output", "json"]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert!(v["drops"]["source_range"].as_u64().unwrap() > 0, "{stats}");
+    let dropped: u64 = v["services"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|c| c["drops"].as_u64().unwrap())
+        .sum();
+    assert!(dropped > 0, "{stats}");
+    let text = scrape_metrics(&s);
+    let drops = service_series("service_drops", "guarded", "http", "TCP");
+    assert!(metric(&text, &drops).is_some_and(|n| n > 0.0), "{text}");
+    let echo = service_series("service_drops", "echo", "http", "TCP");
+    assert_eq!(metric(&text, &echo), Some(0.0), "{text}");
     // The node's own sockets come from the node's address, outside the ranges too.
     let e = node_tcp(&s, lb).expect_err("the node outside the ranges");
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");

@@ -5,9 +5,9 @@ use std::path::Path;
 use anyhow::Context;
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, MapError as AyaMapError,
+    Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuValues,
 };
-use lb_common::{maps, BackendValue, Config, ServiceKey, ServiceValue, SourceRangeKey};
+use lb_common::{maps, BackendValue, Config, Counter, ServiceKey, ServiceValue, SourceRangeKey};
 
 use super::{MapError, MapStore, SourceRange};
 
@@ -18,6 +18,13 @@ pub struct AyaMaps {
     node_addresses: HashMap<MapData, u32, u32>,
     config: Array<MapData, Config>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    /// SVC_STATS and SVC_DROPS; not opened by the inspection commands.
+    counters: Option<ServiceCounters>,
+}
+
+struct ServiceCounters {
+    stats: PerCpuArray<MapData, Counter>,
+    drops: PerCpuArray<MapData, u64>,
 }
 
 /// Reads one of our maps from its pin.
@@ -54,6 +61,10 @@ impl AyaMaps {
             node_addresses: take(maps::NODE_ADDRESSES)?.try_into()?,
             config: take(maps::CONFIG)?.try_into()?,
             source_ranges: take(maps::SOURCE_RANGES)?.try_into()?,
+            counters: Some(ServiceCounters {
+                stats: take(maps::SERVICE_STATS)?.try_into()?,
+                drops: take(maps::SERVICE_DROPS)?.try_into()?,
+            }),
         })
     }
 
@@ -66,8 +77,16 @@ impl AyaMaps {
             node_addresses: open_pin(dir, maps::NODE_ADDRESSES)?.try_into()?,
             config: open_pin(dir, maps::CONFIG)?.try_into()?,
             source_ranges: open_pin(dir, maps::SOURCE_RANGES)?.try_into()?,
+            counters: None,
         })
     }
+}
+
+/// A zero for every possible CPU, as per-CPU maps are written.
+fn zeros<T: aya::Pod + Default>(name: &str) -> Result<PerCpuValues<T>, MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Other(format!("{name}: {e}")))?;
+    PerCpuValues::try_from(vec![T::default(); cpus])
+        .map_err(|e| MapError::Other(format!("{name}: {e}")))
 }
 
 fn trie_key(r: &SourceRange) -> Key<SourceRangeKey> {
@@ -178,5 +197,16 @@ impl MapStore for AyaMaps {
             Ok(()) | Err(AyaMapError::KeyNotFound) => Ok(()),
             Err(e) => Err(err(maps::SOURCE_RANGES, e)),
         }
+    }
+    fn reset_service_counters(&mut self, id: u32) -> Result<(), MapError> {
+        let Some(c) = &mut self.counters else {
+            return Err(MapError::Other("service counters not opened".into()));
+        };
+        c.stats
+            .set(id, zeros(maps::SERVICE_STATS)?, 0)
+            .map_err(|e| err(maps::SERVICE_STATS, e))?;
+        c.drops
+            .set(id, zeros(maps::SERVICE_DROPS)?, 0)
+            .map_err(|e| err(maps::SERVICE_DROPS, e))
     }
 }

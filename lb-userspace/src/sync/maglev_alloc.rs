@@ -84,6 +84,11 @@ impl RangeAllocator {
         self.free = merged;
     }
 
+    /// Slots that cannot be handed out now: ranges in use and ranges in their grace period.
+    pub fn used(&self) -> u32 {
+        self.top - self.free.iter().map(|&(_, l)| l).sum::<u32>()
+    }
+
     #[cfg(test)]
     pub fn cooling(&self) -> usize {
         self.cooling.len()
@@ -104,6 +109,24 @@ mod tests {
         assert_ne!(a.alloc(251), Some(r), "reused before the grace period");
         a.reclaim(t0 + GRACE);
         assert_eq!(a.cooling(), 0);
+    }
+
+    #[test]
+    fn used_slots_count_ranges_in_use_and_cooling_not_gaps() {
+        let mut a = RangeAllocator::new(2000, vec![(251, 251), (1000, 509)]);
+        assert_eq!(a.used(), 251 + 509, "the gaps before and between are free");
+        let t0 = Instant::now();
+        a.release(1000, 509, t0);
+        a.reclaim(t0);
+        assert_eq!(
+            a.used(),
+            251 + 509,
+            "a range in its grace period is still used"
+        );
+        a.reclaim(t0 + GRACE);
+        assert_eq!(a.used(), 251);
+        let r = a.alloc(509).unwrap();
+        assert_eq!(a.used(), 251 + 509, "allocated at {r}");
     }
 
     #[test]

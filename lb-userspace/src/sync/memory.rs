@@ -132,4 +132,8 @@ impl MapStore for MemoryMaps {
         self.source_ranges.remove(range);
         Ok(())
     }
+    fn reset_service_counters(&mut self, id: u32) -> Result<(), MapError> {
+        self.log.push(format!("reset_service_counters {id}"));
+        Ok(())
+    }
 }

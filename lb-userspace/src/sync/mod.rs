@@ -54,4 +54,7 @@ pub trait MapStore {
     fn put_config(&mut self, config: Config) -> Result<(), MapError>;
     fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
     fn delete_source_range(&mut self, range: &SourceRange) -> Result<(), MapError>;
+    /// Zeroes the packet, byte and drop counters of a service id before it is handed to a
+    /// service port, so that a reused id does not start with its previous owner's counts.
+    fn reset_service_counters(&mut self, id: u32) -> Result<(), MapError>;
 }

@@ -116,10 +116,28 @@ impl<S: MapStore> Syncer<S> {
         self.service_ids.len()
     }
 
+    /// The id of every service port, as the data path's per-service counters are indexed.
+    pub fn service_ids(&self) -> &BTreeMap<ServicePortId, u32> {
+        &self.service_ids
+    }
+
+    /// Entries in use in the maps this syncer writes, from its own record of them (no map
+    /// reads): frontends (ClusterIP markers included), backends, Maglev slots (tables in
+    /// use and those still in their grace period), node addresses and source ranges.
+    pub fn fill_levels(&self) -> [(&'static str, u64); 5] {
+        [
+            (maps::SERVICES, self.services.len() as u64),
+            (maps::BACKENDS, self.backends.len() as u64),
+            (maps::MAGLEV, u64::from(self.alloc.used())),
+            (maps::NODE_ADDRESSES, self.node_addresses.len() as u64),
+            (maps::SOURCE_RANGES, self.source_ranges.len() as u64),
+        ]
+    }
+
     pub fn apply(&mut self, desired: &DesiredMaps) -> SyncReport {
         let mut report = SyncReport::default();
         self.tick();
-        self.assign_service_ids(desired);
+        self.assign_service_ids(desired, &mut report);
         let mut want_services: BTreeMap<ServiceKey, ServiceValue> = BTreeMap::new();
         let mut want_backends: BTreeSet<u32> = BTreeSet::new();
         let mut want_ranges: BTreeSet<SourceRange> = BTreeSet::new();
@@ -243,8 +261,9 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Keeps the id a service port already has (also one recovered from the maps through
-    /// its frontend keys), and gives new service ports the lowest free id.
-    fn assign_service_ids(&mut self, desired: &DesiredMaps) {
+    /// its frontend keys), and gives new service ports the lowest free id, whose counters
+    /// start again from zero (a recovered id keeps counting for the same service port).
+    fn assign_service_ids(&mut self, desired: &DesiredMaps, report: &mut SyncReport) {
         self.service_ids
             .retain(|id, _| desired.services.contains_key(id));
         let mut taken: BTreeSet<u32> = self.service_ids.values().copied().collect();
@@ -277,6 +296,11 @@ impl<S: MapStore> Syncer<S> {
             }
             taken.insert(next);
             self.service_ids.insert(id.clone(), next);
+            // Before any entry names the id. A failure only leaves old counts behind.
+            match self.store.reset_service_counters(next) {
+                Ok(()) => report.writes += 1,
+                Err(e) => report.fail(&format!("counters of service {id}"), e),
+            }
         }
     }
 

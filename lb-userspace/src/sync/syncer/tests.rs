@@ -257,3 +257,58 @@ fn a_selection_of_terminating_endpoints_is_marked_as_the_fallback() {
     s.apply(&d);
     assert_ne!(entry(&s, 1).flags & service_flags::TERMINATING_FALLBACK, 0);
 }
+
+#[test]
+fn a_fresh_id_gets_zeroed_counters_before_any_entry_names_it() {
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    s.apply(&desired(&[("a", 1, &[1]), ("b", 2, &[2])]));
+    let log = &s.store().log;
+    let resets: Vec<&String> = log
+        .iter()
+        .filter(|l| l.starts_with("reset_service_counters"))
+        .collect();
+    assert_eq!(
+        resets,
+        ["reset_service_counters 1", "reset_service_counters 2"]
+    );
+    let first_put = log.iter().position(|l| l.starts_with("put_service"));
+    assert!(
+        log.iter().rposition(|l| l.starts_with("reset_")) < first_put,
+        "{log:?}"
+    );
+
+    // a goes and c comes in the same sync: c takes a's id, zeroed again.
+    let a_id = s.service_ids()[&id("a")];
+    let mark = s.store().log.len();
+    s.apply(&desired(&[("b", 2, &[2]), ("c", 3, &[3])]));
+    assert_eq!(s.service_ids()[&id("c")], a_id, "the lowest free id");
+    let log = &s.store().log[mark..];
+    let reset = log
+        .iter()
+        .position(|l| *l == format!("reset_service_counters {a_id}"))
+        .unwrap_or_else(|| panic!("no reset in {log:?}"));
+    assert!(
+        reset
+            < log
+                .iter()
+                .position(|l| l.starts_with("put_service"))
+                .unwrap()
+    );
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("reset_")).count(),
+        1,
+        "b keeps its id and its counts: {log:?}"
+    );
+
+    // A restarted agent recovers the ids and keeps counting on them.
+    let mut again = Syncer::recover(s.store().clone(), Config::default()).unwrap();
+    let mark = again.store().log.len();
+    again.apply(&desired(&[("b", 2, &[2]), ("c", 3, &[3])]));
+    assert!(
+        !again.store().log[mark..]
+            .iter()
+            .any(|l| l.starts_with("reset_")),
+        "{:?}",
+        &again.store().log[mark..]
+    );
+}
