@@ -1,11 +1,14 @@
 //! Map capacities. The data path declares them; the agent checks fill levels against them.
 
-/// Frontend entries: (address, port, protocol, scope).
-pub const SERVICES: u32 = 65_536;
+/// Frontend entries: (address, port, protocol, scope), plus one per ClusterIP marking the
+/// address as a service's. 50,000 services take about 104,000 entries with their
+/// NodePorts; the rest is headroom for LoadBalancer IPs, externalIPs and more ports.
+pub const SERVICES: u32 = 262_144;
 /// Backends, one per (service port, endpoint address, port).
 pub const BACKENDS: u32 = 262_144;
-/// Backend ids of all Maglev tables, one range per selection (16 MiB).
-pub const MAGLEV: u32 = 1 << 22;
+/// Backend ids of all Maglev tables, one range per selection (64 MiB): room for 50,000
+/// services of up to two endpoints each (251 slots), or fewer with larger tables.
+pub const MAGLEV: u32 = 1 << 24;
 /// Conntrack entries, both directions of every flow.
 pub const CONNTRACK: u32 = 524_288;
 /// First-fragment translations awaiting the later fragments of their datagram.
@@ -23,8 +26,9 @@ pub const SNAT: u32 = 131_072;
 /// Packets XDP handed to TC because their next hop's neighbour was not resolved yet; each
 /// entry lives from XDP_PASS to the same packet's TC ingress, so few are ever in use.
 pub const NEIGH_PENDING: u32 = 1_024;
-/// Per-service counters are indexed by service id, so this is also the id space.
-pub const SERVICE_STATS: u32 = SERVICES;
+/// Service ports: per-service counters are indexed by service id, so this is also the id
+/// space. Kept apart from SERVICES: per-CPU arrays cost this many entries on every CPU.
+pub const SERVICE_STATS: u32 = 65_536;
 
 /// Maglev table sizes. A selection of `n` backends uses the smallest entry with
 /// `len >= 100 * n`, or the largest when none is that big.

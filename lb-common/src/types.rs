@@ -92,7 +92,7 @@ impl ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Service port id (1..capacity::SERVICES), the index of its counters.
+    /// Service port id (1..capacity::SERVICE_STATS), the index of its counters.
     pub id: u32,
     pub flags: u16,
     pub kind: u8,

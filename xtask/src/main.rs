@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Cmd::Test => test(),
         Cmd::Lint => lint(),
         Cmd::Demo => build().and_then(|_| demo::run(&root().join("target/release/lb"))),
-        Cmd::Bench => build().and_then(|object| bench::run(&object)),
+        Cmd::Bench => build().and_then(|object| bench::run_optimized(&object)),
         Cmd::Kind { dry_run, keep } => kind::run(&root(), kind::Options { dry_run, keep }),
     };
     match result {

@@ -5,6 +5,7 @@
 //! old entry may still be using it.
 
 mod aya_maps;
+mod id_pool;
 mod maglev_alloc;
 mod memory;
 mod syncer;

@@ -11,7 +11,7 @@ use lb_common::{
     ServiceValue,
 };
 
-use super::{maglev_alloc::RangeAllocator, MapError, MapStore, SourceRange};
+use super::{id_pool::IdPool, maglev_alloc::RangeAllocator, MapError, MapStore, SourceRange};
 use crate::{
     desired::{DesiredMaps, DesiredService, ServicePortId},
     maglev,
@@ -56,6 +56,8 @@ pub struct Syncer<S: MapStore> {
     source_ranges: BTreeSet<SourceRange>,
     service_ids: BTreeMap<ServicePortId, u32>,
     backend_ids: BTreeMap<BackendKey, u32>,
+    /// The ids `backend_ids` does not hold.
+    free_backend_ids: IdPool,
     ranges: BTreeMap<u32, Range>,
     alloc: RangeAllocator,
 }
@@ -82,10 +84,14 @@ impl<S: MapStore> Syncer<S> {
                 );
             }
         }
-        let backend_ids = backends
+        let backend_ids: BTreeMap<BackendKey, u32> = backends
             .iter()
             .map(|(id, b)| ((b.service_id, b.addr, b.port, b.proto), *id))
             .collect();
+        let mut free_backend_ids = IdPool::new(1, capacity::BACKENDS);
+        for id in backend_ids.values() {
+            free_backend_ids.take(*id);
+        }
         let used = ranges.iter().map(|(o, r)| (*o, r.len)).collect();
         if store.config()? != Some(config) {
             store.put_config(config)?;
@@ -98,6 +104,7 @@ impl<S: MapStore> Syncer<S> {
             source_ranges,
             service_ids: BTreeMap::new(),
             backend_ids,
+            free_backend_ids,
             ranges,
             alloc: RangeAllocator::new(capacity::MAGLEV, used),
         })
@@ -246,8 +253,15 @@ impl<S: MapStore> Syncer<S> {
                 Err(e) => report.fail(&format!("delete backend {id}"), e),
             }
         }
-        let live: BTreeSet<u32> = self.backends.keys().copied().collect();
-        self.backend_ids.retain(|_, id| live.contains(id));
+        let free = &mut self.free_backend_ids;
+        let backends = &self.backends;
+        self.backend_ids.retain(|_, id| {
+            let live = backends.contains_key(id);
+            if !live {
+                free.release(*id);
+            }
+            live
+        });
         for a in self.node_addresses.clone().difference(&want_nodes) {
             match self.store.delete_node_address(*a) {
                 Ok(()) => {
@@ -291,7 +305,7 @@ impl<S: MapStore> Syncer<S> {
             while taken.contains(&next) {
                 next += 1;
             }
-            if next >= capacity::SERVICES {
+            if next >= capacity::SERVICE_STATS {
                 return;
             }
             taken.insert(next);
@@ -319,7 +333,7 @@ impl<S: MapStore> Syncer<S> {
             let id = match self.backend_ids.get(&key) {
                 Some(id) => *id,
                 None => {
-                    let Some(id) = self.free_backend_id() else {
+                    let Some(id) = self.free_backend_ids.alloc() else {
                         report.fail("backend", MapError::Full(maps::BACKENDS));
                         return None;
                     };
@@ -348,11 +362,6 @@ impl<S: MapStore> Syncer<S> {
             ids.push(id);
         }
         Some(ids)
-    }
-
-    fn free_backend_id(&self) -> Option<u32> {
-        let used: BTreeSet<u32> = self.backend_ids.values().copied().collect();
-        (1..capacity::BACKENDS).find(|id| !used.contains(id))
     }
 
     fn sync_frontends(
@@ -438,9 +447,17 @@ impl<S: MapStore> Syncer<S> {
                 }
             }
         }
-        // Another frontend of the same table may have written it already in this pass.
-        if let Some((off, _)) = self.ranges.iter().find(|(_, r)| r.table == table) {
-            return Some((*off, len));
+        // Another frontend of this service (backend ids belong to one service, so no other
+        // service's table can match) may hold the same table already.
+        let shared = svc.frontends.iter().find_map(|f| {
+            let cur = self
+                .services
+                .get(&frontend_key(f.addr, f.port, key.proto, f.scope))?;
+            let r = self.ranges.get(&cur.maglev_offset)?;
+            (r.len == len && r.table == table).then_some(cur.maglev_offset)
+        });
+        if let Some(off) = shared {
+            return Some((off, len));
         }
         let Some(offset) = self.alloc.alloc(len) else {
             report.fail("maglev table", MapError::Full(maps::MAGLEV));
