@@ -15,8 +15,25 @@ use anyhow::Result;
 
 use per_packet::{median, EmptyXdp, PATHS};
 
-const SIZES: [usize; 4] = [10, 1_000, 10_000, 50_000];
-const TRIALS: usize = 5;
+#[derive(clap::Args)]
+pub struct Options {
+    /// Numbers of services to measure at (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [10, 1_000, 10_000, 50_000])]
+    sizes: Vec<usize>,
+    /// Interleaved trials; figures are the minimum and median over them.
+    #[arg(long, default_value_t = 5)]
+    trials: usize,
+}
+
+impl Options {
+    fn args(&self) -> Vec<String> {
+        let sizes: Vec<String> = self.sizes.iter().map(|n| n.to_string()).collect();
+        vec![
+            format!("--sizes={}", sizes.join(",")),
+            format!("--trials={}", self.trials),
+        ]
+    }
+}
 
 /// One trial's control-plane figures at one size.
 #[derive(Default, serde::Serialize)]
@@ -33,28 +50,29 @@ struct ControlPlane {
 
 /// The agent's figures come from its code running inside this process, so they are taken
 /// from an optimised build: a debug `cargo xtask` hands over to a release one.
-pub fn run_optimized(object: &Path) -> Result<()> {
-    if !cfg!(debug_assertions) {
-        return run(object);
+pub fn run_optimized(object: &Path, opts: &Options) -> Result<()> {
+    if opts.sizes.is_empty() || opts.trials == 0 {
+        anyhow::bail!("nothing to measure: give at least one size and one trial");
     }
-    crate::exec(crate::cargo().env("LB_EBPF_OBJECT", object).args([
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "xtask",
-        "--",
-        "bench",
-    ]))
+    if !cfg!(debug_assertions) {
+        return run(object, opts);
+    }
+    crate::exec(
+        crate::cargo()
+            .env("LB_EBPF_OBJECT", object)
+            .args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench"])
+            .args(opts.args()),
+    )
 }
 
-fn run(object: &Path) -> Result<()> {
+fn run(object: &Path, opts: &Options) -> Result<()> {
     let empty = EmptyXdp::load()?;
     // medians[n][path] = the per-trial medians.
     let mut medians: BTreeMap<usize, BTreeMap<&str, Vec<u64>>> = BTreeMap::new();
     let mut control: BTreeMap<usize, Vec<ControlPlane>> = BTreeMap::new();
-    for t in 0..TRIALS {
-        for n in SIZES {
+    let trials = opts.trials;
+    for t in 0..trials {
+        for &n in &opts.sizes {
             let file = control_plane::ManifestFile::write(n)?;
             let (mut state, lb_parse) = control_plane::parse(&file.0)?;
             let mut loaded = control_plane::load(object)?;
@@ -83,7 +101,7 @@ fn run(object: &Path) -> Result<()> {
                 nft_program: nft.program,
                 nft_change: nft.change,
             });
-            println!("trial {} of {TRIALS}: {n} services done", t + 1);
+            println!("trial {} of {trials}: {n} services done", t + 1);
         }
     }
     let dir = crate::root().join("bench/results");
@@ -179,9 +197,14 @@ fn write_per_packet(
 ) -> Result<String> {
     let stat = |v: &Vec<u64>| (*v.iter().min().unwrap(), median(v.clone()));
     let mut json = serde_json::Map::new();
-    let mut md = String::from(
+    let trials = medians
+        .values()
+        .next()
+        .and_then(|p| p.values().next())
+        .map_or(0, Vec::len);
+    let mut md = format!(
         "## Per packet\n\nPer-packet cost of `lb_xdp` (BPF_PROG_TEST_RUN, one run per sample, kernel-reported \
-         ns; the median of 4000 samples per trial, then the minimum and median over 5 \
+         ns; the median of 4000 samples per trial, then the minimum and median over {trials} \
          interleaved trials). \"Above floor\" subtracts the empty XDP program measured in the \
          same trials.\n\n| services | path | min ns | median ns | above floor (median) |\n\
          |---:|---|---:|---:|---:|\n",
@@ -200,8 +223,14 @@ fn write_per_packet(
         }
         json.insert(n.to_string(), row.into());
     }
-    let (small, large) = (&medians[&SIZES[0]], &medians[&SIZES[3]]);
-    md.push_str("\nChange from 10 to 50,000 services (median above floor): ");
+    let (Some((lo, small)), Some((hi, large))) =
+        (medians.first_key_value(), medians.last_key_value())
+    else {
+        return Ok(md);
+    };
+    md.push_str(&format!(
+        "\nChange from {lo} to {hi} services (median above floor): "
+    ));
     let changes: Vec<String> = PATHS[1..]
         .iter()
         .map(|p| {

@@ -34,7 +34,7 @@ enum Cmd {
     /// Run the agent on a demo cluster of network namespaces with real traffic.
     Demo,
     /// Measure the data plane's cost per packet; results go to bench/results/.
-    Bench,
+    Bench(bench::Options),
     /// The DaemonSet in a kind cluster without kube-proxy: build, deploy, check, delete.
     /// Needs docker, kind, kubectl and network access.
     Kind {
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Cmd::Test => test(),
         Cmd::Lint => lint(),
         Cmd::Demo => build().and_then(|_| demo::run(&root().join("target/release/lb"))),
-        Cmd::Bench => build().and_then(|object| bench::run_optimized(&object)),
+        Cmd::Bench(opts) => build().and_then(|object| bench::run_optimized(&object, &opts)),
         Cmd::Kind { dry_run, keep } => kind::run(&root(), kind::Options { dry_run, keep }),
     };
     match result {
