@@ -49,9 +49,9 @@ enum Cmd {
         /// Run only this network-namespace test (exact name; repeatable).
         #[arg(long = "netns-test", conflicts_with = "quick")]
         netns: Vec<String>,
-        /// Only the packet fixtures.
-        #[arg(long, conflicts_with_all = ["quick", "netns"])]
-        fixtures_only: bool,
+        /// Run only this suite: fixtures or netns (repeatable; default both).
+        #[arg(long = "suite", value_parser = ["fixtures", "netns"])]
+        suites: Vec<String>,
         /// Stop a guest after this many seconds.
         #[arg(long, default_value_t = 1500)]
         timeout: u64,
@@ -80,7 +80,7 @@ fn main() -> ExitCode {
             kernels,
             quick,
             netns,
-            fixtures_only,
+            suites,
             timeout,
         } => vm::run(&vm::Options {
             kernels: if kernels.is_empty() {
@@ -96,7 +96,8 @@ fn main() -> ExitCode {
             } else {
                 netns
             },
-            fixtures_only,
+            fixtures: suites.is_empty() || suites.iter().any(|s| s == "fixtures"),
+            netns_suite: suites.is_empty() || suites.iter().any(|s| s == "netns"),
             timeout: std::time::Duration::from_secs(timeout),
         }),
         Cmd::Kind { dry_run, keep } => kind::run(&root(), kind::Options { dry_run, keep }),

@@ -42,6 +42,8 @@ pub const MODULES: &[&str] = &[
     "nf_conntrack",
     "nf_tables",
     "nft_compat",
+    "nft_counter",
+    "nft_ct",
     "xt_conntrack",
     "ip_tables",
     "iptable_filter",

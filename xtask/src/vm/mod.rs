@@ -33,8 +33,10 @@ pub struct Options {
     pub kernels: Vec<KernelSpec>,
     /// Only these netns tests (exact names); all when empty.
     pub netns: Vec<String>,
-    /// Skip the netns suite.
-    pub fixtures_only: bool,
+    /// Run the packet fixtures.
+    pub fixtures: bool,
+    /// Run the network-namespace suite.
+    pub netns_suite: bool,
     pub timeout: Duration,
 }
 
@@ -102,8 +104,11 @@ pub fn run(opts: &Options) -> Result<()> {
     std::fs::create_dir_all(&vm_dir)?;
     let kernels = kernels::fetch(&vm_dir, &opts.kernels)?;
 
-    let mut plan: Vec<(String, Vec<String>)> = vec![("fixtures".into(), vec![])];
-    if !opts.fixtures_only {
+    let mut plan: Vec<(String, Vec<String>)> = Vec::new();
+    if opts.fixtures {
+        plan.push(("fixtures".into(), vec![]));
+    }
+    if opts.netns_suite {
         let mut filters = opts.netns.clone();
         if !filters.is_empty() {
             filters.push("--exact".into());
