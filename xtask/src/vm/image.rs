@@ -114,8 +114,7 @@ impl Archive {
     /// The archive's bytes. Parents sort before their children, as the kernel needs.
     pub fn bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        let mut ino = 1u32;
-        for (path, entry) in &self.entries {
+        for (ino, (path, entry)) in (1u32..).zip(&self.entries) {
             let (mode, data): (u32, &[u8]) = match entry {
                 Entry::Dir => (0o040755, &[]),
                 Entry::File { data, mode } => (0o100000 | mode, data),
@@ -125,7 +124,6 @@ impl Archive {
             header(&mut out, ino, mode, nlink, data.len(), path);
             out.extend_from_slice(data);
             pad(&mut out);
-            ino += 1;
         }
         header(&mut out, 0, 0, 1, 0, "TRAILER!!!");
         out

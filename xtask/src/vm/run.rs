@@ -123,10 +123,16 @@ pub fn failure_output<'a>(suite: &'a Suite, test: &str) -> Option<&'a str> {
 
 /// The end of a verifier log in `text` (aya: "... Verifier output: <log>"), if any.
 pub fn verifier_excerpt(text: &str, lines: usize) -> Option<String> {
-    let at = text.find("Verifier output:")?;
+    // The error's Display says "Verifier output:", its Debug form "verifier_log:".
+    let at = ["Verifier output:", "verifier_log:"]
+        .iter()
+        .filter_map(|m| text.find(m))
+        .min()?;
     let log: Vec<&str> = text[at..]
         .lines()
-        .take_while(|l| !l.starts_with("note: run with") && !l.starts_with("---- "))
+        .take_while(|l| {
+            !l.starts_with("note: run with") && !l.starts_with("---- ") && l.trim() != "}"
+        })
         .collect();
     let start = log.len().saturating_sub(lines);
     let mut out = String::new();
