@@ -121,7 +121,11 @@ pub fn icmp_port_unreachable(data: usize, data_end: usize, flow: &Flow) -> Optio
         if i * 2 + 1 >= len {
             break;
         }
-        let w: *const u16 = ptr_at(data, data_end, start + i * 2)?;
+        // Opaque to LLVM's loop strength reduction, which would otherwise count a negative
+        // offset up to zero: newer verifiers (7.x) refuse a packet pointer below its start
+        // ("unbounded memory access").
+        let at = core::hint::black_box(start + i * 2);
+        let w: *const u16 = ptr_at(data, data_end, at)?;
         sum += unsafe { w.read_unaligned() } as u64;
         i += 1;
     }

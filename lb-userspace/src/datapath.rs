@@ -79,15 +79,54 @@ pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Older kernels charge BPF maps to RLIMIT_MEMLOCK.
+/// Whether a kernel of this release (`uname -r`) charges BPF maps to RLIMIT_MEMLOCK: those
+/// before 5.11, which account BPF memory to the memory cgroup instead.
+fn charges_memlock(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let major = numbers.next().unwrap_or(0);
+    let minor = numbers.next().unwrap_or(0);
+    (major, minor) < (5, 11)
+}
+
+fn kernel_release() -> String {
+    // SAFETY: uname fills the zeroed struct; release is NUL-terminated.
+    unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut u) != 0 {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(u.release.as_ptr())
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, whose default (8 MiB, less in
+/// containers) is far below the maps' size: raise it there. Newer kernels need nothing.
 fn raise_memlock() {
+    let release = kernel_release();
+    if !charges_memlock(&release) {
+        tracing::debug!(kernel = %release, "BPF memory is charged to the memory cgroup");
+        return;
+    }
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: a valid rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK");
+        tracing::warn!(
+            kernel = %release,
+            error = %std::io::Error::last_os_error(),
+            "this kernel charges BPF maps to RLIMIT_MEMLOCK and it could not be raised (CAP_SYS_RESOURCE)"
+        );
+    } else {
+        tracing::info!(
+            kernel = %release,
+            "this kernel charges BPF maps to RLIMIT_MEMLOCK: raised it to unlimited"
+        );
     }
 }
 
@@ -319,4 +358,19 @@ pub fn reset(dir: &Path) -> anyhow::Result<()> {
     }
     fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::charges_memlock;
+
+    #[test]
+    fn kernels_before_5_11_charge_maps_to_memlock() {
+        assert!(charges_memlock("5.10.0-46-cloud-amd64"));
+        assert!(charges_memlock("4.19.0-27-amd64"));
+        assert!(!charges_memlock("5.11.0"));
+        assert!(!charges_memlock("6.1.0-57-cloud-amd64"));
+        assert!(!charges_memlock("6.12.118+deb12-cloud-amd64"));
+        assert!(!charges_memlock("7.2.13+deb14-cloud-amd64"));
+    }
 }

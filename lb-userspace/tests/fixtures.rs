@@ -381,6 +381,13 @@ impl Datapath {
         std::fs::create_dir_all(&dir).expect("a pin directory (is bpffs mounted?)");
         let pins = PinDir(dir);
         let object = lb_userspace::object::ebpf_object().expect("LB_EBPF_OBJECT at build time");
+        // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK (the agent raises it the same way).
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit struct.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pins.0)
             .load(object)

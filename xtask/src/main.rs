@@ -1,10 +1,11 @@
-//! `cargo xtask setup|build|test|lint|demo|bench|kind`: everything a fresh machine needs, from the
+//! `cargo xtask setup|build|test|lint|demo|bench|kind|vm-test`: everything a fresh machine needs, from the
 //! Debian packages to the demo cluster.
 
 mod bench;
 mod demo;
 mod kind;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -33,8 +34,29 @@ enum Cmd {
     Lint,
     /// Run the agent on a demo cluster of network namespaces with real traffic.
     Demo,
-    /// Measure the data plane's cost per packet; results go to bench/results/.
+    /// Measure the data and control plane against kube-proxy-style iptables and nftables
+    /// rulesets; results go to bench/results/.
     Bench(bench::Options),
+    /// The packet fixtures and network-namespace tests on other kernels (Debian's, under
+    /// qemu with TCG). Fetches the kernels once into target/vm/.
+    VmTest {
+        /// Kernels to boot: a version like 5.10, 6.1, 6.12, or latest (repeatable).
+        /// Default: 5.10, 6.1, 6.12 and latest.
+        #[arg(long = "kernel")]
+        kernels: Vec<vm::KernelSpec>,
+        /// All fixtures, and only a few network-namespace tests (one per hook family): what CI runs.
+        #[arg(long)]
+        quick: bool,
+        /// Run only this network-namespace test (exact name; repeatable).
+        #[arg(long = "netns-test", conflicts_with = "quick")]
+        netns: Vec<String>,
+        /// Run only this suite: fixtures or netns (repeatable; default both).
+        #[arg(long = "suite", value_parser = ["fixtures", "netns"])]
+        suites: Vec<String>,
+        /// Stop a guest after this many seconds.
+        #[arg(long, default_value_t = 1500)]
+        timeout: u64,
+    },
     /// The DaemonSet in a kind cluster without kube-proxy: build, deploy, check, delete.
     /// Needs docker, kind, kubectl and network access.
     Kind {
@@ -55,6 +77,30 @@ fn main() -> ExitCode {
         Cmd::Lint => lint(),
         Cmd::Demo => build().and_then(|_| demo::run(&root().join("target/release/lb"))),
         Cmd::Bench(opts) => build().and_then(|object| bench::run_optimized(&object, &opts)),
+        Cmd::VmTest {
+            kernels,
+            quick,
+            netns,
+            suites,
+            timeout,
+        } => vm::run(&vm::Options {
+            kernels: if kernels.is_empty() {
+                vm::DEFAULT_KERNELS
+                    .iter()
+                    .map(|k| k.parse().unwrap())
+                    .collect()
+            } else {
+                kernels
+            },
+            netns: if quick {
+                vm::QUICK_NETNS.iter().map(|s| s.to_string()).collect()
+            } else {
+                netns
+            },
+            fixtures: suites.is_empty() || suites.iter().any(|s| s == "fixtures"),
+            netns_suite: suites.is_empty() || suites.iter().any(|s| s == "netns"),
+            timeout: std::time::Duration::from_secs(timeout),
+        }),
         Cmd::Kind { dry_run, keep } => kind::run(&root(), kind::Options { dry_run, keep }),
     };
     match result {

@@ -21,6 +21,14 @@ const PACKAGES: &[&str] = &[
     "conntrack",
     "socat",
 ];
+/// Only `cargo xtask vm-test` needs these: qemu, the guest's userland, module tools.
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
+    "zstd",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub enum EbpfToolchain {
@@ -63,8 +71,8 @@ pub fn ebpf_toolchain() -> Result<EbpfToolchain> {
     bail!("no eBPF toolchain: install rustc-web and libstd-rust-web-dev-bpf (cargo xtask setup)")
 }
 
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
+fn missing_packages(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|p| {
@@ -77,7 +85,7 @@ fn missing_packages() -> Vec<&'static str> {
 }
 
 fn install_packages() -> Result<()> {
-    let missing = missing_packages();
+    let missing = missing_packages(PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }
@@ -90,13 +98,26 @@ fn install_packages() -> Result<()> {
     } else {
         missing
     };
+    apt_install(&missing)
+}
+
+/// The packages of `cargo xtask vm-test`, installed when missing.
+pub fn install_vm_packages() -> Result<()> {
+    let missing = missing_packages(VM_PACKAGES);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
+fn apt_install(missing: &[&str]) -> Result<()> {
     println!("installing Debian packages: {}", missing.join(" "));
     exec(Command::new("apt-get").args(["update", "-q"]))?;
     exec(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing),
+            .args(missing),
     )
 }
 
