@@ -323,6 +323,20 @@ LB-VM done\r
     }
 
     #[test]
+    fn the_verifier_log_of_a_debug_printed_load_error_is_found() {
+        let text =
+            "load lb_xdp: LoadError { io_error: Os { code: 13 }, verifier_log: 0: R1=ctx()\n\
+                    3165: (71) r3 = *(u8 *)(r2 +96)\n\
+                    R2 unbounded memory access, make sure to bounds check any such access\n\
+                    processed 27460 insns (limit 1000000)\n }\n\
+                    note: run with `RUST_BACKTRACE=1`\n";
+        let v = verifier_excerpt(text, 20).unwrap();
+        assert!(v.starts_with("verifier_log: 0: R1=ctx()"));
+        assert!(v.contains("R2 unbounded memory access"));
+        assert!(v.trim_end().ends_with("(limit 1000000)"));
+    }
+
+    #[test]
     fn a_guest_that_stops_early_has_no_result() {
         let cut = &CONSOLE[..CONSOLE.find("LB-VM end netns").unwrap()];
         let r = parse(cut);
