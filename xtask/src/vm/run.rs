@@ -4,8 +4,10 @@
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicI32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -173,15 +175,45 @@ pub fn outcome(r: &Report) -> Outcome {
     }
 }
 
-/// Kills qemu (and `timeout`) if the host side stops early.
+/// The process group of the running `timeout` + qemu, for the signal handler.
+static GUEST_GROUP: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    let group = GUEST_GROUP.load(Ordering::SeqCst);
+    // SAFETY: kill and _exit are async-signal-safe.
+    unsafe {
+        if group > 0 {
+            libc::kill(-group, libc::SIGKILL);
+        }
+        libc::_exit(128 + sig);
+    }
+}
+
+/// Kills `timeout` and qemu (their own process group) if the host side stops early, on
+/// an error or on Ctrl-C / SIGTERM.
 struct Guard(Option<Child>);
+
+impl Guard {
+    fn new(child: Child) -> Self {
+        GUEST_GROUP.store(child.id() as i32, Ordering::SeqCst);
+        let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: installing a handler that only calls async-signal-safe functions.
+        unsafe {
+            libc::signal(libc::SIGINT, handler);
+            libc::signal(libc::SIGTERM, handler);
+        }
+        Self(Some(child))
+    }
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
+            // SAFETY: signalling the process group this module created.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
             let _ = c.wait();
         }
+        GUEST_GROUP.store(0, Ordering::SeqCst);
     }
 }
 
@@ -215,10 +247,12 @@ pub fn boot(b: &Boot) -> Result<(String, Duration)> {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::inherit())
+        // Its own process group, so that it and qemu can be killed together.
+        .process_group(0);
     let mut child = cmd.spawn().context("start qemu-system-x86_64")?;
     let stdout = child.stdout.take().unwrap();
-    let guard = Guard(Some(child));
+    let mut guard = Guard::new(child);
     let mut log = fs::File::create(b.log).with_context(|| format!("create {}", b.log.display()))?;
     let mut console = String::new();
     let mut reader = BufReader::new(stdout);
@@ -239,12 +273,15 @@ pub fn boot(b: &Boot) -> Result<(String, Duration)> {
         }
         console.push_str(&line);
     }
-    let mut guard = guard;
-    if let Some(mut c) = guard.0.take() {
-        let status = c.wait()?;
-        if status.code() == Some(124) || status.code() == Some(137) {
-            println!("[{}] timed out after {}s", b.label, b.timeout.as_secs());
-        }
+    let status = guard.0.as_mut().map(|c| c.wait()).transpose()?;
+    // Reaped: nothing is left to kill.
+    guard.0 = None;
+    drop(guard);
+    if status
+        .and_then(|s| s.code())
+        .is_some_and(|c| c == 124 || c == 137)
+    {
+        println!("[{}] timed out after {}s", b.label, b.timeout.as_secs());
     }
     Ok((console, started.elapsed()))
 }
@@ -320,6 +357,20 @@ LB-VM done\r
         };
         assert!(excerpt.contains("R2 invalid mem access 'scalar'"));
         assert!(!excerpt.contains("note: run with"));
+    }
+
+    #[test]
+    fn the_verifier_log_of_a_debug_printed_load_error_is_found() {
+        let text =
+            "load lb_xdp: LoadError { io_error: Os { code: 13 }, verifier_log: 0: R1=ctx()\n\
+                    3165: (71) r3 = *(u8 *)(r2 +96)\n\
+                    R2 unbounded memory access, make sure to bounds check any such access\n\
+                    processed 27460 insns (limit 1000000)\n }\n\
+                    note: run with `RUST_BACKTRACE=1`\n";
+        let v = verifier_excerpt(text, 20).unwrap();
+        assert!(v.starts_with("verifier_log: 0: R1=ctx()"));
+        assert!(v.contains("R2 unbounded memory access"));
+        assert!(v.trim_end().ends_with("(limit 1000000)"));
     }
 
     #[test]
