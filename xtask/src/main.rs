@@ -208,19 +208,23 @@ fn test() -> Result<()> {
         cargo()
             .env("LB_EBPF_OBJECT", &object)
             .env("LB_BIN", &bin)
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "lb-userspace",
-                "--test",
-                "fixtures",
-                "--test",
-                "netns",
-            ])
+            .args(PRIVILEGED_TESTS)
             .args(["--", "--include-ignored", "--test-threads=1"]),
     )
 }
+
+/// `cargo` arguments that build the privileged suites: the packet fixtures and the
+/// network-namespace tests (run here and inside `vm-test`'s guests).
+pub const PRIVILEGED_TESTS: [&str; 8] = [
+    "test",
+    "--release",
+    "-p",
+    "lb-userspace",
+    "--test",
+    "fixtures",
+    "--test",
+    "netns",
+];
 
 fn lint() -> Result<()> {
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;

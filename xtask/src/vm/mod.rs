@@ -44,18 +44,8 @@ pub struct Options {
 fn build_tests(object: &Path) -> Result<Vec<(String, PathBuf)>> {
     let out = crate::cargo()
         .env("LB_EBPF_OBJECT", object)
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "lb-userspace",
-            "--test",
-            "fixtures",
-            "--test",
-            "netns",
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(crate::PRIVILEGED_TESTS)
+        .args(["--no-run", "--message-format=json-render-diagnostics"])
         .stderr(Stdio::inherit())
         .output()
         .context("run cargo test --no-run")?;
