@@ -142,6 +142,8 @@ pub struct Pod {
     pub host_iface: String,
 }
 
+/// The name the node's agent runs under.
+pub const NODE_NAME: &str = "node1";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// Port every pod's servers listen on (TCP and UDP).
@@ -216,12 +218,22 @@ fn node_settings(node: &Netns) -> Result<()> {
 
 /// Pods `names` on `node`, in 10.244.`subnet`.0/24.
 fn make_pods(node: &Netns, names: &[&str], subnet: u8) -> Result<Vec<Pod>> {
+    let at: Vec<(&str, Ipv4Addr)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (*name, Ipv4Addr::new(10, 244, subnet, 10 + i as u8)))
+        .collect();
+    make_pods_at(node, &at)
+}
+
+/// Pods on `node` with the given names and addresses.
+fn make_pods_at(node: &Netns, pods_at: &[(&str, Ipv4Addr)]) -> Result<Vec<Pod>> {
     let mut pods = Vec::new();
-    for (i, name) in names.iter().enumerate() {
+    for (i, (name, ip)) in pods_at.iter().enumerate() {
         let pod = Pod {
             name: name.to_string(),
             ns: Netns::new("lbp")?,
-            ip: Ipv4Addr::new(10, 244, subnet, 10 + i as u8),
+            ip: *ip,
             host_iface: format!("lbp{i}"),
         };
         wire_pod(node, &pod)?;
@@ -233,6 +245,14 @@ fn make_pods(node: &Netns, names: &[&str], subnet: u8) -> Result<Vec<Pod>> {
 impl Cluster {
     pub fn new(lb: &Path, pod_names: &[&str]) -> Result<Self> {
         Self::with_peers(lb, pod_names, &[])
+    }
+
+    /// A single node whose pods have the given names and addresses (anywhere but
+    /// 192.0.2.0/24 and 169.254.1.1).
+    pub fn with_pods_at(lb: &Path, pods: &[(&str, Ipv4Addr)]) -> Result<Self> {
+        let mut cluster = Self::with_peers(lb, &[], &[])?;
+        cluster.pods = make_pods_at(&cluster.node, pods)?;
+        Ok(cluster)
     }
 
     /// A cluster whose node has `pod_names`, and one more node per entry of `peers`.
@@ -368,7 +388,7 @@ impl Cluster {
     pub fn start_agent_with(&mut self, manifests: &Path, extra: &[&str]) -> Result<()> {
         let last = self.pods.last().map(|p| p.host_iface.as_str());
         self.agent
-            .start(&self.lb, &self.node, "node1", manifests, last, extra)
+            .start(&self.lb, &self.node, NODE_NAME, manifests, last, extra)
     }
 
     /// Starts every peer's agent on the same manifests.
@@ -390,6 +410,11 @@ impl Cluster {
         self.node.ip(&["link", "del", &p.host_iface])?;
         wire_pod(&self.node, p)?;
         self.agent.wait_log(&attached, before + 1)
+    }
+
+    /// The node agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.child.as_ref().map(Child::id)
     }
 
     /// Kills the agent without giving it a chance to clean up.
@@ -542,7 +567,8 @@ impl AgentRun {
     }
 
     fn wait_until(&self, mut f: impl FnMut() -> bool) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Long enough for a first sync of tens of thousands of services on a busy machine.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if f() {
                 return Ok(());

@@ -7,11 +7,13 @@ mod control_plane;
 mod iptables;
 mod nftables;
 mod per_packet;
+mod traffic;
 mod workload;
 
 use std::{collections::BTreeMap, fs, path::Path, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use lb_userspace::testbed::Netns;
 
 use per_packet::{median, EmptyXdp, PATHS};
 
@@ -23,15 +25,68 @@ pub struct Options {
     /// Interleaved trials; figures are the minimum and median over them.
     #[arg(long, default_value_t = 5)]
     trials: usize,
+    /// Which figures to take (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Figure::PerPacket, Figure::Traffic, Figure::ControlPlane])]
+    figures: Vec<Figure>,
+    /// kube-proxy-style arms to leave out (comma-separated), for a quick look at lb alone;
+    /// their cells and ratios are then left empty.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    without: Vec<Netfilter>,
+    /// The nftables arm runs only up to this many services: the kernel binds each of the
+    /// ruleset's anonymous verdict maps by walking the whole transaction, so one load grows
+    /// with the square of N (about 2 minutes at 10,000 here, most of an hour at 50,000).
+    #[arg(long, default_value_t = 10_000)]
+    nft_max: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Figure {
+    PerPacket,
+    Traffic,
+    ControlPlane,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Netfilter {
+    Iptables,
+    Nft,
 }
 
 impl Options {
     fn args(&self) -> Vec<String> {
-        let sizes: Vec<String> = self.sizes.iter().map(|n| n.to_string()).collect();
-        vec![
-            format!("--sizes={}", sizes.join(",")),
+        let list = |v: Vec<String>| v.join(",");
+        fn name<T: clap::ValueEnum>(v: &T) -> String {
+            v.to_possible_value()
+                .map(|p| p.get_name().to_string())
+                .unwrap_or_default()
+        }
+        let mut args = vec![
+            format!(
+                "--sizes={}",
+                list(self.sizes.iter().map(|n| n.to_string()).collect())
+            ),
             format!("--trials={}", self.trials),
-        ]
+            format!("--nft-max={}", self.nft_max),
+            format!(
+                "--figures={}",
+                list(self.figures.iter().map(name).collect())
+            ),
+        ];
+        if !self.without.is_empty() {
+            args.push(format!(
+                "--without={}",
+                list(self.without.iter().map(name).collect())
+            ));
+        }
+        args
+    }
+
+    fn wants(&self, f: Figure) -> bool {
+        self.figures.contains(&f)
+    }
+
+    fn runs(&self, a: Netfilter, n: usize) -> bool {
+        !self.without.contains(&a) && (a != Netfilter::Nft || n <= self.nft_max)
     }
 }
 
@@ -42,10 +97,35 @@ struct ControlPlane {
     lb_program: Duration,
     lb_change: Duration,
     lb_map_bytes: u64,
-    iptables_program: Duration,
-    iptables_change: Duration,
-    nft_program: Duration,
-    nft_change: Duration,
+    iptables: Option<control_plane::NetfilterTimes>,
+    nft: Option<control_plane::NetfilterTimes>,
+}
+
+impl ControlPlane {
+    fn arm(&mut self, arm: Netfilter) -> &mut Option<control_plane::NetfilterTimes> {
+        match arm {
+            Netfilter::Iptables => &mut self.iptables,
+            Netfilter::Nft => &mut self.nft,
+        }
+    }
+}
+
+/// One trial's traffic figures at one size, and the agent's memory in that run.
+#[derive(serde::Serialize)]
+struct TrafficTrial {
+    lb: traffic::Traffic,
+    lb_agent_rss: u64,
+    iptables: Option<traffic::Traffic>,
+    nft: Option<traffic::Traffic>,
+}
+
+impl TrafficTrial {
+    fn arm(&mut self, arm: Netfilter) -> &mut Option<traffic::Traffic> {
+        match arm {
+            Netfilter::Iptables => &mut self.iptables,
+            Netfilter::Nft => &mut self.nft,
+        }
+    }
 }
 
 /// The agent's figures come from its code running inside this process, so they are taken
@@ -66,54 +146,118 @@ pub fn run_optimized(object: &Path, opts: &Options) -> Result<()> {
 }
 
 fn run(object: &Path, opts: &Options) -> Result<()> {
+    let lb = crate::root().join("target/release/lb");
     let empty = EmptyXdp::load()?;
     // medians[n][path] = the per-trial medians.
     let mut medians: BTreeMap<usize, BTreeMap<&str, Vec<u64>>> = BTreeMap::new();
     let mut control: BTreeMap<usize, Vec<ControlPlane>> = BTreeMap::new();
+    let mut traffic: BTreeMap<usize, Vec<TrafficTrial>> = BTreeMap::new();
     let trials = opts.trials;
     for t in 0..trials {
         for &n in &opts.sizes {
             let file = control_plane::ManifestFile::write(n)?;
-            let (mut state, lb_parse) = control_plane::parse(&file.0)?;
-            let mut loaded = control_plane::load(object)?;
-            let (mut syncer, lb_program) = control_plane::program(&mut loaded, &state)?;
-            for (path, m) in per_packet::trial(&empty, &loaded, n, t)? {
-                medians
-                    .entry(n)
-                    .or_default()
-                    .entry(path)
-                    .or_default()
-                    .push(m);
+            let mut cp = None;
+            if opts.wants(Figure::PerPacket) || opts.wants(Figure::ControlPlane) {
+                let (mut state, lb_parse) = control_plane::parse(&file.0)?;
+                let mut loaded = control_plane::load(object)?;
+                let (mut syncer, lb_program) = control_plane::program(&mut loaded, &state)?;
+                if opts.wants(Figure::PerPacket) {
+                    for (path, m) in per_packet::trial(&empty, &loaded, n, t)? {
+                        medians
+                            .entry(n)
+                            .or_default()
+                            .entry(path)
+                            .or_default()
+                            .push(m);
+                    }
+                }
+                cp = Some(ControlPlane {
+                    lb_parse,
+                    lb_program,
+                    lb_change: control_plane::agent_change(&mut syncer, &mut state, n)?,
+                    lb_map_bytes: control_plane::map_memory(&loaded.pins)?,
+                    ..Default::default()
+                });
             }
-            let lb_change = control_plane::agent_change(&mut syncer, &mut state, n)?;
-            let lb_map_bytes = control_plane::map_memory(&loaded.pins)?;
-            drop(syncer);
-            drop(loaded);
-            let ipt = control_plane::iptables_arm(n)?;
-            let nft = control_plane::nftables_arm(n)?;
-            control.entry(n).or_default().push(ControlPlane {
-                lb_parse,
-                lb_program,
-                lb_change,
-                lb_map_bytes,
-                iptables_program: ipt.program,
-                iptables_change: ipt.change,
-                nft_program: nft.program,
-                nft_change: nft.change,
-            });
+            let mut tr = None;
+            if opts.wants(Figure::Traffic) {
+                let mut topology = traffic::Topology::new(&lb, n)?;
+                let lb_agent_rss = topology.start_agent(&file.0)?;
+                tr = Some(TrafficTrial {
+                    lb: topology.measure().context("lb")?,
+                    lb_agent_rss,
+                    iptables: None,
+                    nft: None,
+                });
+            }
+            for arm in [Netfilter::Iptables, Netfilter::Nft] {
+                if !opts.runs(arm, n) {
+                    continue;
+                }
+                let (times, figures) = netfilter_arm(arm, &lb, n, opts.wants(Figure::Traffic))
+                    .with_context(|| format!("{arm:?}"))?;
+                if let Some(cp) = &mut cp {
+                    *cp.arm(arm) = Some(times);
+                }
+                if let (Some(tr), Some(f)) = (&mut tr, figures) {
+                    *tr.arm(arm) = Some(f);
+                }
+            }
+            if let Some(cp) = cp.filter(|_| opts.wants(Figure::ControlPlane)) {
+                control.entry(n).or_default().push(cp);
+            }
+            if let Some(tr) = tr {
+                traffic.entry(n).or_default().push(tr);
+            }
             println!("trial {} of {trials}: {n} services done", t + 1);
         }
     }
     let dir = crate::root().join("bench/results");
     fs::create_dir_all(&dir)?;
-    let per_packet = write_per_packet(&dir, &medians)?;
-    let control_md = write_control_plane(&dir, &control)?;
-    fs::write(
-        dir.join("README.md"),
-        format!("{}\n{per_packet}\n{control_md}", machine()),
-    )?;
-    println!("\n{per_packet}\n{control_md}\nwritten to {}", dir.display());
+    let mut sections = vec![machine()];
+    if opts.wants(Figure::PerPacket) {
+        sections.push(write_per_packet(&dir, &medians)?);
+    }
+    if opts.wants(Figure::Traffic) {
+        sections.push(write_traffic(&dir, &traffic)?);
+    }
+    if opts.wants(Figure::ControlPlane) {
+        sections.push(write_control_plane(&dir, &control)?);
+    }
+    sections.push(memory(&control, &traffic));
+    let all = sections.join("\n");
+    fs::write(dir.join("README.md"), &all)?;
+    println!("\n{all}\nwritten to {}", dir.display());
     Ok(())
+}
+
+/// One kube-proxy-style arm at N: its ruleset loaded and changed (timed), in the traffic
+/// topology's node when traffic is measured too (then measured after the change, which
+/// leaves the measured service alone), else in a bare namespace.
+fn netfilter_arm(
+    arm: Netfilter,
+    lb: &Path,
+    n: usize,
+    with_traffic: bool,
+) -> Result<(control_plane::NetfilterTimes, Option<traffic::Traffic>)> {
+    let topology = with_traffic
+        .then(|| traffic::Topology::new(lb, n))
+        .transpose()?;
+    let bare = match topology {
+        Some(_) => None,
+        None => Some(Netns::new("lbb")?),
+    };
+    let ns = topology
+        .as_ref()
+        .map(traffic::Topology::node)
+        .or(bare.as_ref())
+        .context("a namespace")?;
+    let times = match arm {
+        Netfilter::Iptables => control_plane::iptables_arm(ns, n)?,
+        Netfilter::Nft => control_plane::nftables_arm(ns, n)?,
+    };
+    let figures = topology.as_ref().map(|t| t.measure()).transpose()?;
+    Ok((times, figures))
 }
 
 /// The kernel, CPU count and netfilter tools the figures were taken with.
@@ -154,31 +298,30 @@ fn write_control_plane(dir: &Path, control: &BTreeMap<usize, Vec<ControlPlane>>)
          EndpointSlice to the maps written; iptables: kube-proxy's partial restore with \
          --noflush; nft: the changed chains in one transaction). Milliseconds, minimum / median \
          over the trials; ratios are the other arm's time over lb's, taken within each trial.\n\n\
-         | services | lb parse | lb program | iptables program | nft program | iptables/lb | nft/lb | lb change | iptables change | nft change | iptables/lb | nft/lb | lb map memory |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | services | lb parse | lb program | iptables program | nft program | iptables/lb | nft/lb | lb change | iptables change | nft change | iptables/lb | nft/lb |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut json = serde_json::Map::new();
     for (n, trials) in control {
-        let col = |f: &dyn Fn(&ControlPlane) -> f64| {
-            min_median(&trials.iter().map(f).collect::<Vec<_>>())
-        };
-        let fmt = |(a, b): (f64, f64)| format!("{a:.2} / {b:.2}");
+        fn ipt(c: &ControlPlane) -> Option<&control_plane::NetfilterTimes> {
+            c.iptables.as_ref()
+        }
+        fn nft(c: &ControlPlane) -> Option<&control_plane::NetfilterTimes> {
+            c.nft.as_ref()
+        }
+        let col = |f: &dyn Fn(&ControlPlane) -> Option<f64>| cell(trials, f, 2);
         let cells = [
-            fmt(col(&|c| ms(c.lb_parse))),
-            fmt(col(&|c| ms(c.lb_program))),
-            fmt(col(&|c| ms(c.iptables_program))),
-            fmt(col(&|c| ms(c.nft_program))),
-            fmt(col(&|c| ms(c.iptables_program) / ms(c.lb_program))),
-            fmt(col(&|c| ms(c.nft_program) / ms(c.lb_program))),
-            fmt(col(&|c| ms(c.lb_change))),
-            fmt(col(&|c| ms(c.iptables_change))),
-            fmt(col(&|c| ms(c.nft_change))),
-            fmt(col(&|c| ms(c.iptables_change) / ms(c.lb_change))),
-            fmt(col(&|c| ms(c.nft_change) / ms(c.lb_change))),
-            format!(
-                "{:.1} MiB",
-                col(&|c| c.lb_map_bytes as f64).1 / f64::from(1 << 20)
-            ),
+            col(&|c| Some(ms(c.lb_parse))),
+            col(&|c| Some(ms(c.lb_program))),
+            col(&|c| ipt(c).map(|t| ms(t.program))),
+            col(&|c| nft(c).map(|t| ms(t.program))),
+            col(&|c| ipt(c).map(|t| ms(t.program) / ms(c.lb_program))),
+            col(&|c| nft(c).map(|t| ms(t.program) / ms(c.lb_program))),
+            col(&|c| Some(ms(c.lb_change))),
+            col(&|c| ipt(c).map(|t| ms(t.change))),
+            col(&|c| nft(c).map(|t| ms(t.change))),
+            col(&|c| ipt(c).map(|t| ms(t.change) / ms(c.lb_change))),
+            col(&|c| nft(c).map(|t| ms(t.change) / ms(c.lb_change))),
         ];
         md.push_str(&format!("| {n} | {} |\n", cells.join(" | ")));
         json.insert(n.to_string(), serde_json::to_value(trials)?);
@@ -189,6 +332,129 @@ fn write_control_plane(dir: &Path, control: &BTreeMap<usize, Vec<ControlPlane>>)
     )?;
     fs::write(dir.join("control-plane.md"), &md)?;
     Ok(md)
+}
+
+/// `min / median` of a per-trial value; empty where an arm was left out of any trial.
+fn cell<T>(trials: &[T], f: &dyn Fn(&T) -> Option<f64>, digits: usize) -> String {
+    let v: Option<Vec<f64>> = trials.iter().map(f).collect();
+    v.map_or_else(String::new, |v| {
+        let (a, b) = min_median(&v);
+        format!("{a:.digits$} / {b:.digits$}")
+    })
+}
+
+fn write_traffic(dir: &Path, traffic: &BTreeMap<usize, Vec<TrafficTrial>>) -> Result<String> {
+    let mut md = String::from(
+        "## Through the kernel\n\nNew TCP connections per second (connect, one request and \
+         its response, close; as many client threads as CPUs for 2 s) and the latency of \
+         requests on one kept-alive connection (5,000 timed after 5,000 untimed), through \
+         each arm on the same namespaces: the client to the measured NodePort, and a pod to \
+         the measured ClusterIP. Connections per second as minimum / median over the trials; \
+         ratios are lb's rate over the other arm's, taken within each trial; latency as the \
+         median over the trials of each trial's p50 / p99, in µs.\n\n\
+         | services | path | lb conn/s | iptables conn/s | nft conn/s | lb/iptables | lb/nft | lb p50 / p99 | iptables p50 / p99 | nft p50 / p99 | failed connections |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    type Pick = fn(&traffic::Traffic) -> &traffic::PathFigures;
+    let paths: [(&str, Pick); 2] = [
+        ("client → NodePort", |t| &t.node_port),
+        ("pod → ClusterIP", |t| &t.cluster_ip),
+    ];
+    for (n, trials) in traffic {
+        for (name, pick) in paths {
+            // Per trial: lb, iptables, nft.
+            let rows: Vec<[Option<&traffic::PathFigures>; 3]> = trials
+                .iter()
+                .map(|t| {
+                    [
+                        Some(pick(&t.lb)),
+                        t.iptables.as_ref().map(pick),
+                        t.nft.as_ref().map(pick),
+                    ]
+                })
+                .collect();
+            let rate = |arm: usize| cell(&rows, &|r| r[arm].map(|p| p.connections_per_sec), 0);
+            let ratio = |arm: usize| {
+                cell(
+                    &rows,
+                    &|r| Some(r[0]?.connections_per_sec / r[arm]?.connections_per_sec),
+                    2,
+                )
+            };
+            let latency = |arm: usize| {
+                let v: Option<Vec<(f64, f64)>> = rows
+                    .iter()
+                    .map(|r| r[arm].map(|p| (p.p50_us, p.p99_us)))
+                    .collect();
+                v.map_or_else(String::new, |v| {
+                    let p50 = min_median(&v.iter().map(|p| p.0).collect::<Vec<_>>()).1;
+                    let p99 = min_median(&v.iter().map(|p| p.1).collect::<Vec<_>>()).1;
+                    format!("{p50:.0} / {p99:.0}")
+                })
+            };
+            let failed: u64 = rows.iter().flatten().flatten().map(|p| p.failed).sum();
+            let cells = [
+                rate(0),
+                rate(1),
+                rate(2),
+                ratio(1),
+                ratio(2),
+                latency(0),
+                latency(1),
+                latency(2),
+                failed.to_string(),
+            ];
+            md.push_str(&format!("| {n} | {name} | {} |\n", cells.join(" | ")));
+        }
+    }
+    let json: BTreeMap<String, &Vec<TrafficTrial>> =
+        traffic.iter().map(|(n, t)| (n.to_string(), t)).collect();
+    fs::write(
+        dir.join("traffic.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    fs::write(dir.join("traffic.md"), &md)?;
+    Ok(md)
+}
+
+/// The BPF maps' memory (preallocated for the maps' capacity, so the same at every N) and
+/// the agent's resident memory, with what each service adds to the latter.
+fn memory(
+    control: &BTreeMap<usize, Vec<ControlPlane>>,
+    traffic: &BTreeMap<usize, Vec<TrafficTrial>>,
+) -> String {
+    let mib = |b: f64| b / f64::from(1 << 20);
+    let mut md = String::from(
+        "## Memory\n\nBPF map memory as the kernel charges it (memlock), and the agent's \
+         resident memory after its first sync from the manifest, median over the trials.\n\n\
+         | services | BPF maps | agent RSS |\n|---:|---:|---:|\n",
+    );
+    let sizes: std::collections::BTreeSet<usize> =
+        control.keys().chain(traffic.keys()).copied().collect();
+    let rss = |n: &usize| {
+        traffic
+            .get(n)
+            .map(|t| min_median(&t.iter().map(|t| t.lb_agent_rss as f64).collect::<Vec<_>>()).1)
+    };
+    for n in &sizes {
+        let maps = control.get(n).map_or_else(String::new, |c| {
+            let m = min_median(&c.iter().map(|c| c.lb_map_bytes as f64).collect::<Vec<_>>()).1;
+            format!("{:.1} MiB", mib(m))
+        });
+        let agent = rss(n).map_or_else(String::new, |r| format!("{:.1} MiB", mib(r)));
+        md.push_str(&format!("| {n} | {maps} | {agent} |\n"));
+    }
+    if let (Some(lo), Some(hi)) = (traffic.keys().next(), traffic.keys().next_back()) {
+        if hi > lo {
+            let per = (rss(hi).unwrap_or(0.0) - rss(lo).unwrap_or(0.0)) / (hi - lo) as f64;
+            md.push_str(&format!(
+                "\nEach service adds {:.1} KiB to the agent's resident memory (from {lo} to \
+                 {hi} services); the maps are sized for their capacity up front.\n",
+                per / 1024.0
+            ));
+        }
+    }
+    md
 }
 
 fn write_per_packet(

@@ -175,26 +175,27 @@ fn restore(ns: &Netns, program: &str, args: &[&str], input: &str) -> Result<Dura
 }
 
 /// Programming and endpoint-change times of one netfilter arm.
+#[derive(serde::Serialize)]
 pub struct NetfilterTimes {
     pub program: Duration,
     pub change: Duration,
 }
 
-pub fn iptables_arm(n: usize) -> Result<NetfilterTimes> {
+/// Loads the iptables ruleset for N services into `ns`, then applies one endpoint change.
+pub fn iptables_arm(ns: &Netns, n: usize) -> Result<NetfilterTimes> {
     let services = workload::services(n);
-    let ns = Netns::new("lbbi")?;
-    let program = restore(&ns, "iptables-restore", &[], &iptables::full(&services))?;
+    let program = restore(ns, "iptables-restore", &[], &iptables::full(&services))?;
     let delta = iptables::endpoint_change(&services, changed_index(n), NEW_ENDPOINT);
-    let change = restore(&ns, "iptables-restore", &["--noflush"], &delta)?;
+    let change = restore(ns, "iptables-restore", &["--noflush"], &delta)?;
     Ok(NetfilterTimes { program, change })
 }
 
-pub fn nftables_arm(n: usize) -> Result<NetfilterTimes> {
+/// Loads the nftables ruleset for N services into `ns`, then applies one endpoint change.
+pub fn nftables_arm(ns: &Netns, n: usize) -> Result<NetfilterTimes> {
     let services = workload::services(n);
-    let ns = Netns::new("lbbn")?;
-    let program = restore(&ns, "nft", &["-f", "-"], &nftables::full(&services))?;
+    let program = restore(ns, "nft", &["-f", "-"], &nftables::full(&services))?;
     let delta = nftables::endpoint_change(&services, changed_index(n), NEW_ENDPOINT);
-    let change = restore(&ns, "nft", &["-f", "-"], &delta)?;
+    let change = restore(ns, "nft", &["-f", "-"], &delta)?;
     Ok(NetfilterTimes { program, change })
 }
 

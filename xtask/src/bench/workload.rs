@@ -14,9 +14,10 @@ pub const TARGET_PORT: u16 = 8080;
 /// Pod addresses: the masquerade rules treat traffic from outside it as external.
 pub const CLUSTER_CIDR: &str = "10.128.0.0/9";
 pub const NAMESPACE: &str = "bench";
-/// The node the agent runs as; every endpoint is on it, so backends are local.
-pub const NODE_NAME: &str = "bench-node";
-pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The node the agent runs as (the test topology's); every endpoint is on it, so backends
+/// are local.
+pub const NODE_NAME: &str = lb_userspace::testbed::NODE_NAME;
+pub const NODE_IP: Ipv4Addr = lb_userspace::testbed::NODE_IP;
 
 pub struct BenchService {
     pub name: String,
