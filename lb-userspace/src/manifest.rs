@@ -213,7 +213,12 @@ fn parse_file(file: &Path, text: &str, errors: &mut Vec<ManifestError>) -> Optio
     Some(objects)
 }
 
-fn add_document(file: &Path, doc: Value, out: &mut FileObjects, errors: &mut Vec<ManifestError>) {
+fn add_document(
+    file: &Path,
+    mut doc: Value,
+    out: &mut FileObjects,
+    errors: &mut Vec<ManifestError>,
+) {
     if doc.is_null() {
         return;
     }
@@ -223,9 +228,10 @@ fn add_document(file: &Path, doc: Value, out: &mut FileObjects, errors: &mut Vec
         .unwrap_or("")
         .to_string();
     if kind == "List" || kind.ends_with("List") {
-        if let Some(items) = doc.get("items").and_then(Value::as_array) {
+        // Taken, not copied: a large list is the biggest thing the agent ever holds.
+        if let Some(Value::Array(items)) = doc.get_mut("items").map(Value::take) {
             for item in items {
-                add_document(file, item.clone(), out, errors);
+                add_document(file, item, out, errors);
             }
         }
         return;
