@@ -246,7 +246,19 @@ impl Input {
                 tracing::warn!("{e}");
             }
             ctl.sync(&source.state());
+            release_free_memory();
         }
+    }
+}
+
+/// Hands the allocator's free pages back after a full sync: reading and planning a large
+/// manifest or a first list peaks far above what the agent keeps, and the allocator would
+/// otherwise hold on to the difference for good.
+pub(crate) fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks and returns the allocator's own free memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -40,8 +40,8 @@ pub struct Options {
     /// The iptables arm runs only up to this many services (all sizes by default; at
     /// 50,000 one trial of it takes several minutes, most of them in the endpoint change's
     /// restore of KUBE-SERVICES).
-    #[arg(long, default_value_t = usize::MAX)]
-    iptables_max: usize,
+    #[arg(long)]
+    iptables_max: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -72,12 +72,14 @@ impl Options {
             ),
             format!("--trials={}", self.trials),
             format!("--nft-max={}", self.nft_max),
-            format!("--iptables-max={}", self.iptables_max),
             format!(
                 "--figures={}",
                 list(self.figures.iter().map(name).collect())
             ),
         ];
+        if let Some(max) = self.iptables_max {
+            args.push(format!("--iptables-max={max}"));
+        }
         if !self.without.is_empty() {
             args.push(format!(
                 "--without={}",
@@ -93,7 +95,7 @@ impl Options {
 
     fn runs(&self, a: Netfilter, n: usize) -> bool {
         let max = match a {
-            Netfilter::Iptables => self.iptables_max,
+            Netfilter::Iptables => self.iptables_max.unwrap_or(usize::MAX),
             Netfilter::Nft => self.nft_max,
         };
         !self.without.contains(&a) && n <= max
