@@ -9,12 +9,12 @@ use aya::maps::{
 };
 use lb_common::{maps, BackendValue, Config, Counter, ServiceKey, ServiceValue, SourceRangeKey};
 
-use super::{MapError, MapStore, SourceRange};
+use super::{maglev_mmap::MaglevMap, MapError, MapStore, SourceRange};
 
 pub struct AyaMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
-    maglev: Array<MapData, u32>,
+    maglev: MaglevMap,
     node_addresses: HashMap<MapData, u32, u32>,
     config: Array<MapData, Config>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -57,7 +57,7 @@ impl AyaMaps {
         Ok(Self {
             services: take(maps::SERVICES)?.try_into()?,
             backends: take(maps::BACKENDS)?.try_into()?,
-            maglev: take(maps::MAGLEV)?.try_into()?,
+            maglev: MaglevMap::new(take(maps::MAGLEV)?)?,
             node_addresses: take(maps::NODE_ADDRESSES)?.try_into()?,
             config: take(maps::CONFIG)?.try_into()?,
             source_ranges: take(maps::SOURCE_RANGES)?.try_into()?,
@@ -73,7 +73,7 @@ impl AyaMaps {
         Ok(Self {
             services: open_pin(dir, maps::SERVICES)?.try_into()?,
             backends: open_pin(dir, maps::BACKENDS)?.try_into()?,
-            maglev: open_pin(dir, maps::MAGLEV)?.try_into()?,
+            maglev: MaglevMap::new(open_pin(dir, maps::MAGLEV)?)?,
             node_addresses: open_pin(dir, maps::NODE_ADDRESSES)?.try_into()?,
             config: open_pin(dir, maps::CONFIG)?.try_into()?,
             source_ranges: open_pin(dir, maps::SOURCE_RANGES)?.try_into()?,
@@ -119,9 +119,7 @@ impl MapStore for AyaMaps {
             .map_err(|e| err(maps::NODE_ADDRESSES, e))
     }
     fn maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError> {
-        (offset..offset + len)
-            .map(|i| self.maglev.get(&i, 0).map_err(|e| err(maps::MAGLEV, e)))
-            .collect()
+        self.maglev.read(offset, len)
     }
     fn config(&self) -> Result<Option<Config>, MapError> {
         let c = self.config.get(&0, 0).map_err(|e| err(maps::CONFIG, e))?;
@@ -164,12 +162,7 @@ impl MapStore for AyaMaps {
         }
     }
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError> {
-        for (i, id) in ids.iter().enumerate() {
-            self.maglev
-                .set(offset + i as u32, id, 0)
-                .map_err(|e| err(maps::MAGLEV, e))?;
-        }
-        Ok(())
+        self.maglev.write(offset, ids)
     }
     fn put_node_address(&mut self, addr: u32) -> Result<(), MapError> {
         self.node_addresses

@@ -7,6 +7,7 @@
 mod aya_maps;
 mod id_pool;
 mod maglev_alloc;
+mod maglev_mmap;
 mod memory;
 mod syncer;
 
