@@ -5,11 +5,11 @@ use std::path::Path;
 use anyhow::Context;
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuValues,
+    Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray,
 };
 use lb_common::{maps, BackendValue, Config, Counter, ServiceKey, ServiceValue, SourceRangeKey};
 
-use super::{maglev_mmap::MaglevMap, MapError, MapStore, SourceRange};
+use super::{maglev_mmap::MaglevMap, per_cpu_batch, MapError, MapStore, SourceRange};
 
 pub struct AyaMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -80,13 +80,6 @@ impl AyaMaps {
             counters: None,
         })
     }
-}
-
-/// A zero for every possible CPU, as per-CPU maps are written.
-fn zeros<T: aya::Pod + Default>(name: &str) -> Result<PerCpuValues<T>, MapError> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Other(format!("{name}: {e}")))?;
-    PerCpuValues::try_from(vec![T::default(); cpus])
-        .map_err(|e| MapError::Other(format!("{name}: {e}")))
 }
 
 fn trie_key(r: &SourceRange) -> Key<SourceRangeKey> {
@@ -191,15 +184,13 @@ impl MapStore for AyaMaps {
             Err(e) => Err(err(maps::SOURCE_RANGES, e)),
         }
     }
-    fn reset_service_counters(&mut self, id: u32) -> Result<(), MapError> {
+    fn reset_service_counters(&mut self, ids: &[u32]) -> Result<(), MapError> {
         let Some(c) = &mut self.counters else {
             return Err(MapError::Other("service counters not opened".into()));
         };
-        c.stats
-            .set(id, zeros(maps::SERVICE_STATS)?, 0)
-            .map_err(|e| err(maps::SERVICE_STATS, e))?;
-        c.drops
-            .set(id, zeros(maps::SERVICE_DROPS)?, 0)
-            .map_err(|e| err(maps::SERVICE_DROPS, e))
+        per_cpu_batch::zero(&c.stats, ids)
+            .map_err(|e| MapError::Other(format!("{}: {e}", maps::SERVICE_STATS)))?;
+        per_cpu_batch::zero(&c.drops, ids)
+            .map_err(|e| MapError::Other(format!("{}: {e}", maps::SERVICE_DROPS)))
     }
 }

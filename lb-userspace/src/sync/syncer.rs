@@ -334,6 +334,7 @@ impl<S: MapStore> Syncer<S> {
                 None => fresh.push(id),
             }
         }
+        let mut given = Vec::with_capacity(fresh.len());
         for id in fresh {
             let Some(sid) = self.free_service_ids.alloc() else {
                 report.fail(
@@ -343,11 +344,17 @@ impl<S: MapStore> Syncer<S> {
                 self.failed.insert(id.clone());
                 continue;
             };
-            // Before any entry names the id. A failure only leaves old counts behind.
-            match self.store.reset_service_counters(sid) {
-                Ok(()) => report.writes += 1,
-                Err(e) => report.fail(&format!("counters of service {id}"), e),
+            given.push((sid, id));
+        }
+        // Before any entry names the ids. A failure only leaves old counts behind.
+        let sids: Vec<u32> = given.iter().map(|(sid, _)| *sid).collect();
+        if !sids.is_empty() {
+            match self.store.reset_service_counters(&sids) {
+                Ok(()) => report.writes += sids.len(),
+                Err(e) => report.fail("counters of new service ids", e),
             }
+        }
+        for (sid, id) in given {
             self.add_port(sid, id, report);
         }
     }
