@@ -21,4 +21,4 @@ pub use types::*;
 /// map changes; an agent that finds another version replaces the maps (losing conntrack
 /// state) instead of misreading them. A map that is added needs no bump: its pin is created
 /// beside the others, so an upgrade keeps established connections.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;

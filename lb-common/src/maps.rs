@@ -21,6 +21,14 @@ pub const DROP_STATS: &str = "DROP_STATS";
 /// Packets of each service dropped by the programs, indexed by service id.
 pub const SERVICE_DROPS: &str = "SVC_DROPS";
 
+/// `BPF_F_MMAPABLE` (Linux 5.5): the agent writes Maglev tables through a shared mapping
+/// of MAGLEV instead of one syscall per slot.
+pub const MMAPABLE: u32 = 1 << 10;
+/// Bytes between two elements of an array map: the kernel rounds values up to 8.
+pub const fn array_stride(value_size: usize) -> usize {
+    (value_size + 7) & !7
+}
+
 /// Every map the programs declare, in the order `lb reset` and layout checks walk them.
 pub const ALL: [&str; 18] = [
     SERVICES,

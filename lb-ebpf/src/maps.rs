@@ -16,7 +16,8 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacit
 #[map]
 pub static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(capacity::BACKENDS, 0);
 #[map]
-pub static MAGLEV: Array<u32> = Array::pinned(capacity::MAGLEV, 0);
+/// Mappable: the agent writes tables into it directly (see lb-common's `maps::MMAPABLE`).
+pub static MAGLEV: Array<u32> = Array::pinned(capacity::MAGLEV, lb_common::maps::MMAPABLE);
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map]

@@ -18,7 +18,7 @@ use k8s_openapi::api::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
-use crate::state::{ClusterState, ObjectRef};
+use crate::state::{labelled_service, ClusterState, ObjectRef};
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -132,26 +132,20 @@ impl ManifestSource {
                     .insert(object_ref(&svc.metadata), svc.clone());
             }
             for slice in &objects.slices {
-                state
-                    .slices
-                    .insert(object_ref(&slice.metadata), slice.clone());
+                state.insert_slice(slice.clone());
             }
             mirrored.extend(objects.mirrored.iter().cloned());
         }
         // As in a cluster, where Endpoints are mirrored into slices: real slices win.
-        let with_slices: Vec<String> = state
-            .slices
-            .values()
-            .filter_map(|s| service_of(s).map(|n| format!("{}/{}", namespace(&s.metadata), n)))
+        let with_slices: std::collections::BTreeSet<ObjectRef> = mirrored
+            .iter()
+            .filter_map(|s| labelled_service(&object_ref(&s.metadata), s))
+            .filter(|svc| state.has_slices(svc))
             .collect();
         for slice in mirrored {
-            let svc = format!(
-                "{}/{}",
-                namespace(&slice.metadata),
-                service_of(&slice).unwrap_or_default()
-            );
-            if !with_slices.contains(&svc) {
-                state.slices.insert(object_ref(&slice.metadata), slice);
+            let svc = labelled_service(&object_ref(&slice.metadata), &slice);
+            if !svc.is_some_and(|svc| with_slices.contains(&svc)) {
+                state.insert_slice(slice);
             }
         }
         state

@@ -264,6 +264,24 @@ impl DatapathMetrics {
         p.agent_maps = agent_maps.into_iter().collect();
     }
 
+    /// After a sync of some service ports: the ids that went away and those handed out,
+    /// applied to what was published before.
+    pub fn publish_changes(
+        &self,
+        released: &[u32],
+        assigned: &[(u32, ServicePortId)],
+        agent_maps: impl IntoIterator<Item = (&'static str, u64)>,
+    ) {
+        let mut p = lock(&self.published);
+        for id in released {
+            p.services.remove(id);
+        }
+        for (id, port) in assigned {
+            p.services.insert(*id, ServiceLabels::from(port));
+        }
+        p.agent_maps = agent_maps.into_iter().collect();
+    }
+
     /// Only the fill of the agent's maps (Maglev ranges leave their grace period between
     /// syncs).
     pub fn publish_fill(&self, agent_maps: impl IntoIterator<Item = (&'static str, u64)>) {

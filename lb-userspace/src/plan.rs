@@ -2,6 +2,8 @@
 //! the desired maps out. kube-proxy is the reference (`pkg/proxy/topology.go` for the
 //! choice of endpoints).
 
+mod planner;
+
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::{
@@ -14,9 +16,10 @@ use crate::{
     desired::{
         DesiredBackend, DesiredFrontend, DesiredMaps, DesiredService, HealthCheck, ServicePortId,
     },
-    manifest::service_of,
     state::{ClusterState, LbMode, NodeContext, ObjectRef},
 };
+
+pub use planner::{Planner, Replanned};
 
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// `snat` or `dsr`: overrides `--lb-mode` for one service.
@@ -31,29 +34,23 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
+/// The whole state planned at once.
 pub fn plan(state: &ClusterState, node: &NodeContext) -> Plan {
-    let mut desired = DesiredMaps {
-        node_addresses: node.node_addresses.iter().copied().collect(),
-        ..Default::default()
-    };
-    let mut warnings = Vec::new();
-    let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for (r, slice) in &state.slices {
-        if let Some(svc) = service_of(slice) {
-            slices
-                .entry((r.namespace.clone(), svc))
-                .or_default()
-                .push(slice);
-        }
+    let (planner, warnings) = Planner::new(state, node);
+    Plan {
+        desired: planner.into_desired(),
+        warnings,
     }
-    for (r, svc) in &state.services {
-        let svc_slices = slices
-            .get(&(r.namespace.clone(), r.name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        plan_service(r, svc, svc_slices, node, &mut desired, &mut warnings);
-    }
-    Plan { desired, warnings }
+}
+
+/// One Service's share of the desired maps.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServicePlan {
+    pub ports: BTreeMap<ServicePortId, DesiredService>,
+    /// The ClusterIP, when the service answers on it.
+    pub cluster_ip: Option<Ipv4Addr>,
+    /// A valid healthCheckNodePort and what it reports; another service may hold the port.
+    pub health_check: Option<(u16, HealthCheck)>,
 }
 
 fn parse_protocol(p: Option<&str>) -> Option<u8> {
@@ -64,25 +61,26 @@ fn parse_protocol(p: Option<&str>) -> Option<u8> {
     }
 }
 
-fn plan_service(
+/// Plans one Service with its EndpointSlices.
+pub fn plan_service(
     r: &ObjectRef,
     svc: &Service,
     slices: &[&EndpointSlice],
     node: &NodeContext,
-    out: &mut DesiredMaps,
     warnings: &mut Vec<String>,
-) {
+) -> ServicePlan {
+    let mut out = ServicePlan::default();
     let labels = svc.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
-        return;
+        return out;
     }
-    let Some(spec) = &svc.spec else { return };
+    let Some(spec) = &svc.spec else { return out };
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
-        return;
+        return out;
     }
     let cluster_ip = match spec.cluster_ip.as_deref() {
-        Some("None") => return, // headless
+        Some("None") => return out, // headless
         Some(ip) if !ip.is_empty() => match ip.parse::<Ipv4Addr>() {
             Ok(ip) => Some(ip),
             Err(_) => {
@@ -219,7 +217,7 @@ fn plan_service(
             add(ip, svc_port, scope::EXTERNAL, k, external_local);
             add(ip, svc_port, scope::INTERNAL, k, false);
         }
-        out.services.insert(
+        out.ports.insert(
             id,
             DesiredService {
                 backends,
@@ -229,8 +227,8 @@ fn plan_service(
             },
         );
     }
-    if let (Some(ip), true) = (cluster_ip, any_port) {
-        out.cluster_ips.insert(ip);
+    if any_port {
+        out.cluster_ip = cluster_ip;
     }
     // kube-proxy serves a health check for Local LoadBalancers, counting ready local
     // endpoints, so that the cloud load balancer sends only to nodes that have one.
@@ -245,14 +243,13 @@ fn plan_service(
             local_endpoints: local_ready.len(),
         };
         match u16::try_from(port) {
-            Ok(p) if p != 0 && !out.health_checks.contains_key(&p) => {
-                out.health_checks.insert(p, check);
-            }
+            Ok(p) if p != 0 => out.health_check = Some((p, check)),
             _ => warnings.push(format!(
-                "service {r}: healthCheckNodePort {port} is invalid or taken, not served"
+                "service {r}: healthCheckNodePort {port} is invalid, not served"
             )),
         }
     }
+    out
 }
 
 /// The IPv4 loadBalancerSourceRanges of a LoadBalancer service, normalised to network

@@ -355,7 +355,7 @@ impl Drop for PinDir {
 
 struct Datapath {
     ebpf: Ebpf,
-    _pins: PinDir,
+    pins: PinDir,
 }
 
 struct Backend {
@@ -398,7 +398,7 @@ impl Datapath {
             let p: &mut SchedClassifier = ebpf.program_mut(name).expect(name).try_into().unwrap();
             p.load().unwrap_or_else(|e| panic!("load {name}: {e:?}"));
         }
-        Self { ebpf, _pins: pins }
+        Self { ebpf, pins }
     }
 
     fn hash<K: Pod, V: Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
@@ -1308,3 +1308,46 @@ fn tcp_fin_moves_the_flow_to_closing() {
 // The service rules beyond plain translation: source ranges and session affinity.
 #[path = "fixtures/rules.rs"]
 mod rules;
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn new_service_ids_start_from_zeroed_counters() {
+    use aya::maps::PerCpuValues;
+    use lb_userspace::sync::{open_pin, AyaMaps, MapStore};
+
+    let mut dp = Datapath::load();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let counted = Counter {
+        packets: 5,
+        bytes: 500,
+    };
+    for id in [3, 4, 5] {
+        let mut stats =
+            PerCpuArray::<_, Counter>::try_from(dp.ebpf.map_mut(maps::SERVICE_STATS).unwrap())
+                .unwrap();
+        let values = PerCpuValues::try_from(vec![counted; cpus]).unwrap();
+        stats.set(id, values, 0).unwrap();
+        let mut drops =
+            PerCpuArray::<_, u64>::try_from(dp.ebpf.map_mut(maps::SERVICE_DROPS).unwrap()).unwrap();
+        drops
+            .set(id, PerCpuValues::try_from(vec![7u64; cpus]).unwrap(), 0)
+            .unwrap();
+    }
+    let mut store = AyaMaps::from_ebpf(&mut dp.ebpf).unwrap();
+    store.reset_service_counters(&[3, 5]).unwrap();
+    let stats =
+        PerCpuArray::<_, Counter>::try_from(open_pin(&dp.pins.0, maps::SERVICE_STATS).unwrap())
+            .unwrap();
+    let drops = PerCpuArray::<_, u64>::try_from(open_pin(&dp.pins.0, maps::SERVICE_DROPS).unwrap())
+        .unwrap();
+    let packets = |id: u32| -> u64 { stats.get(&id, 0).unwrap().iter().map(|c| c.packets).sum() };
+    let dropped = |id: u32| -> u64 { drops.get(&id, 0).unwrap().iter().sum() };
+    assert_eq!(
+        (packets(3), packets(4), packets(5)),
+        (0, 5 * cpus as u64, 0)
+    );
+    assert_eq!(
+        (dropped(3), dropped(4), dropped(5)),
+        (0, 7 * cpus as u64, 0)
+    );
+}

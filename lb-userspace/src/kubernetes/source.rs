@@ -36,10 +36,7 @@ impl KubeSource {
         let first = self.rx.recv().await?;
         let mut changes = self.store.update(first);
         while let Ok(next) = self.rx.try_recv() {
-            let c = self.store.update(next);
-            changes.services += c.services;
-            changes.endpoints += c.endpoints;
-            changes.node |= c.node;
+            changes.merge(self.store.update(next));
         }
         Some(changes)
     }
@@ -63,7 +60,9 @@ impl KubeSource {
     }
 
     /// Writes the state when something changed and the lists are complete; before that,
-    /// writing would delete the entries of objects not listed yet.
+    /// writing would delete the entries of objects not listed yet. A change to Services or
+    /// EndpointSlices writes only the services it touched; the first sync, a relist and a
+    /// change of the node write the whole state.
     pub fn handle<M: MapStore>(&mut self, changes: Changes, ctl: &mut Controller<M>) {
         if changes.node {
             ctl.node = self.node_context();
@@ -78,7 +77,11 @@ impl KubeSource {
             return;
         }
         self.synced_once = true;
-        ctl.sync(&self.store.state);
+        if first || changes.node || changes.relisted {
+            ctl.sync(&self.store.state);
+        } else {
+            ctl.sync_services(&self.store.state, &changes.touched);
+        }
         for t in self.store.take_triggers() {
             ctl.health.record_programming_latency(since(t));
         }

@@ -3,7 +3,7 @@
 //! what it has not reached yet.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     time::{Duration, SystemTime},
 };
@@ -19,7 +19,7 @@ use kube::runtime::watcher::Event;
 
 use crate::{
     manifest::{object_ref, service_of},
-    state::{ClusterState, ObjectRef},
+    state::{labelled_service, ClusterState, ObjectRef},
 };
 
 /// What a watcher saw, tagged with its kind.
@@ -72,13 +72,72 @@ pub struct Changes {
     pub services: usize,
     pub endpoints: usize,
     pub node: bool,
+    /// Services whose Service or EndpointSlices changed (for a slice that moved to another
+    /// service, both): what an incremental sync plans again.
+    pub touched: BTreeSet<ObjectRef>,
+    /// A kind was listed anew.
+    pub relisted: bool,
 }
 
 impl Changes {
     pub fn any(&self) -> bool {
         self.services > 0 || self.endpoints > 0 || self.node
     }
+
+    /// Adds the changes of a later update.
+    pub fn merge(&mut self, later: Changes) {
+        self.services += later.services;
+        self.endpoints += later.endpoints;
+        self.node |= later.node;
+        self.touched.extend(later.touched);
+        self.relisted |= later.relisted;
+    }
 }
+
+/// A kind's objects by reference, as the store keeps them.
+trait Objects<K> {
+    fn get(&self, r: &ObjectRef) -> Option<&K>;
+    /// Stores `obj` under `r` (its own reference); returns what it replaced.
+    fn put(&mut self, r: ObjectRef, obj: K) -> Option<K>;
+    fn take(&mut self, r: &ObjectRef) -> Option<K>;
+    fn refs(&self) -> Vec<ObjectRef>;
+}
+
+impl<K> Objects<K> for BTreeMap<ObjectRef, K> {
+    fn get(&self, r: &ObjectRef) -> Option<&K> {
+        BTreeMap::get(self, r)
+    }
+    fn put(&mut self, r: ObjectRef, obj: K) -> Option<K> {
+        self.insert(r, obj)
+    }
+    fn take(&mut self, r: &ObjectRef) -> Option<K> {
+        self.remove(r)
+    }
+    fn refs(&self) -> Vec<ObjectRef> {
+        self.keys().cloned().collect()
+    }
+}
+
+/// The slices of a cluster state, which keeps them indexed by service.
+struct Slices<'a>(&'a mut ClusterState);
+
+impl Objects<EndpointSlice> for Slices<'_> {
+    fn get(&self, r: &ObjectRef) -> Option<&EndpointSlice> {
+        self.0.slices().get(r)
+    }
+    fn put(&mut self, _: ObjectRef, obj: EndpointSlice) -> Option<EndpointSlice> {
+        self.0.insert_slice(obj)
+    }
+    fn take(&mut self, r: &ObjectRef) -> Option<EndpointSlice> {
+        self.0.remove_slice(r)
+    }
+    fn refs(&self) -> Vec<ObjectRef> {
+        self.0.slices().keys().cloned().collect()
+    }
+}
+
+/// Called with an object's reference, old and new version, for every object that changed.
+type OnChange<'a, K> = &'a mut dyn FnMut(&ObjectRef, Option<&K>, Option<&K>);
 
 /// One kind's objects, with the list being received while a relist runs.
 struct Tracked<K> {
@@ -99,9 +158,10 @@ impl<K: Clone + PartialEq> Tracked<K> {
     /// Applies one event to `current`; returns how many objects changed.
     fn apply(
         &mut self,
-        current: &mut BTreeMap<ObjectRef, K>,
+        current: &mut impl Objects<K>,
         event: Event<K>,
         meta: impl Fn(&K) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        changed: OnChange<'_, K>,
     ) -> usize {
         match event {
             Event::Init => {
@@ -116,25 +176,45 @@ impl<K: Clone + PartialEq> Tracked<K> {
             Event::InitDone => {
                 self.synced = true;
                 let new = self.relisting.take().unwrap_or_default();
-                let changed = new
-                    .iter()
-                    .filter(|(r, o)| current.get(r) != Some(o))
-                    .count()
-                    + current.keys().filter(|r| !new.contains_key(r)).count();
-                *current = new;
-                changed
+                let mut count = 0;
+                for r in current.refs() {
+                    if !new.contains_key(&r) {
+                        let old = current.take(&r);
+                        changed(&r, old.as_ref(), None);
+                        count += 1;
+                    }
+                }
+                for (r, obj) in new {
+                    if current.get(&r) != Some(&obj) {
+                        count += 1;
+                        put(current, r, obj, changed);
+                    }
+                }
+                count
             }
             Event::Apply(obj) => {
                 let r = object_ref(meta(&obj));
                 if current.get(&r) == Some(&obj) {
                     return 0;
                 }
-                current.insert(r, obj);
+                put(current, r, obj, changed);
                 1
             }
-            Event::Delete(obj) => usize::from(current.remove(&object_ref(meta(&obj))).is_some()),
+            Event::Delete(obj) => {
+                let r = object_ref(meta(&obj));
+                let Some(old) = current.take(&r) else {
+                    return 0;
+                };
+                changed(&r, Some(&old), None);
+                1
+            }
         }
     }
+}
+
+fn put<K>(current: &mut impl Objects<K>, r: ObjectRef, obj: K, changed: OnChange<'_, K>) {
+    let old = current.put(r.clone(), obj);
+    changed(&r, old.as_ref(), current.get(&r));
 }
 
 /// Services, EndpointSlices and this node, as last listed and watched.
@@ -170,12 +250,24 @@ impl KubeStore {
 
     pub fn update(&mut self, update: Update) -> Changes {
         match update {
-            Update::Service(e) => Changes {
-                services: self
-                    .services
-                    .apply(&mut self.state.services, e, |s| &s.metadata),
-                ..Default::default()
-            },
+            Update::Service(e) => {
+                let relisted = matches!(e, Event::InitDone);
+                let mut touched = BTreeSet::new();
+                let services = self.services.apply(
+                    &mut self.state.services,
+                    e,
+                    |s| &s.metadata,
+                    &mut |r, _, _| {
+                        touched.insert(r.clone());
+                    },
+                );
+                Changes {
+                    services,
+                    touched,
+                    relisted,
+                    ..Default::default()
+                }
+            }
             Update::Slice(e) => {
                 // A slice without the service label belongs to nothing the agent serves; one
                 // that lost it is gone.
@@ -196,10 +288,21 @@ impl KubeStore {
                     }
                     e => e,
                 };
+                let relisted = matches!(e, Event::InitDone);
+                let mut touched = BTreeSet::new();
+                let endpoints = self.slices.apply(
+                    &mut Slices(&mut self.state),
+                    e,
+                    |s| &s.metadata,
+                    &mut |r, old, new| {
+                        touched.extend(old.and_then(|s| labelled_service(r, s)));
+                        touched.extend(new.and_then(|s| labelled_service(r, s)));
+                    },
+                );
                 Changes {
-                    endpoints: self
-                        .slices
-                        .apply(&mut self.state.slices, e, |s| &s.metadata),
+                    endpoints,
+                    touched,
+                    relisted,
                     ..Default::default()
                 }
             }
@@ -371,7 +474,7 @@ mod tests {
                 .endpoints,
             1
         );
-        assert!(s.state.slices.is_empty());
+        assert!(s.state.slices().is_empty());
         assert!(!s.update(Update::Slice(Event::Apply(slice(false)))).any());
     }
 }

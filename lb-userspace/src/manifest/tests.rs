@@ -37,7 +37,7 @@ fn reads_multi_document_yaml_lists_and_json() {
     let st = src.state();
     let names: Vec<String> = st.services.keys().map(|r| r.to_string()).collect();
     assert_eq!(names, ["default/j", "default/web", "x/a"]);
-    assert_eq!(st.slices.len(), 1);
+    assert_eq!(st.slices().len(), 1);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -85,7 +85,7 @@ fn endpoints_are_mirrored_unless_slices_exist() {
     let mut src = ManifestSource::new(&dir);
     assert!(src.reload().is_empty());
     let st = src.state();
-    let slice = st.slices.values().next().expect("mirrored slice");
+    let slice = st.slices().values().next().expect("mirrored slice");
     assert_eq!(slice.endpoints.len(), 2);
     assert_eq!(
         slice.endpoints[1].conditions.as_ref().unwrap().ready,
@@ -94,9 +94,9 @@ fn endpoints_are_mirrored_unless_slices_exist() {
     std::fs::write(dir.join("b.yaml"), SLICE).unwrap();
     src.reload();
     let st = src.state();
-    assert_eq!(st.slices.len(), 1);
+    assert_eq!(st.slices().len(), 1);
     assert_eq!(
-        st.slices.keys().next().unwrap().name,
+        st.slices().keys().next().unwrap().name,
         "web-1",
         "slices win over Endpoints"
     );

@@ -302,3 +302,29 @@ fn fill_levels_of_every_map_with_a_capacity_and_walks_cached() {
     let text = scrape(&m);
     assert!(!text.contains("map=\"SNAT\""), "{text}");
 }
+
+#[test]
+fn published_id_changes_match_a_full_publish() {
+    let web = port("web", "http", proto::TCP);
+    let dns = port("dns", "dns", proto::UDP);
+    let fake = Fake::default();
+    for id in 1..4 {
+        fake.set(id, u64::from(id), 0, 0);
+    }
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    let incremental = Arc::new(DatapathMetrics::new(fake.clone()));
+    let r = s.apply(&desired(&[(&web, 1, &[1])]));
+    incremental.publish_changes(&r.ids_released, &r.ids_assigned, []);
+    // web goes and dns comes, then web comes back.
+    let touched = std::collections::BTreeSet::from([web.clone(), dns.clone()]);
+    for d in [
+        desired(&[(&dns, 2, &[2])]),
+        desired(&[(&dns, 2, &[2]), (&web, 1, &[1])]),
+    ] {
+        let r = s.apply_changes(&d, &touched, &d.cluster_ips);
+        incremental.publish_changes(&r.ids_released, &r.ids_assigned, []);
+        let full = Arc::new(DatapathMetrics::new(fake.clone()));
+        full.publish(s.service_ids(), []);
+        assert_eq!(scrape(&incremental), scrape(&full));
+    }
+}

@@ -5,16 +5,16 @@ use std::path::Path;
 use anyhow::Context;
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuValues,
+    Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray,
 };
 use lb_common::{maps, BackendValue, Config, Counter, ServiceKey, ServiceValue, SourceRangeKey};
 
-use super::{MapError, MapStore, SourceRange};
+use super::{maglev_mmap::MaglevMap, per_cpu_batch, MapError, MapStore, SourceRange};
 
 pub struct AyaMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
-    maglev: Array<MapData, u32>,
+    maglev: MaglevMap,
     node_addresses: HashMap<MapData, u32, u32>,
     config: Array<MapData, Config>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -57,7 +57,7 @@ impl AyaMaps {
         Ok(Self {
             services: take(maps::SERVICES)?.try_into()?,
             backends: take(maps::BACKENDS)?.try_into()?,
-            maglev: take(maps::MAGLEV)?.try_into()?,
+            maglev: MaglevMap::new(take(maps::MAGLEV)?)?,
             node_addresses: take(maps::NODE_ADDRESSES)?.try_into()?,
             config: take(maps::CONFIG)?.try_into()?,
             source_ranges: take(maps::SOURCE_RANGES)?.try_into()?,
@@ -73,20 +73,13 @@ impl AyaMaps {
         Ok(Self {
             services: open_pin(dir, maps::SERVICES)?.try_into()?,
             backends: open_pin(dir, maps::BACKENDS)?.try_into()?,
-            maglev: open_pin(dir, maps::MAGLEV)?.try_into()?,
+            maglev: MaglevMap::new(open_pin(dir, maps::MAGLEV)?)?,
             node_addresses: open_pin(dir, maps::NODE_ADDRESSES)?.try_into()?,
             config: open_pin(dir, maps::CONFIG)?.try_into()?,
             source_ranges: open_pin(dir, maps::SOURCE_RANGES)?.try_into()?,
             counters: None,
         })
     }
-}
-
-/// A zero for every possible CPU, as per-CPU maps are written.
-fn zeros<T: aya::Pod + Default>(name: &str) -> Result<PerCpuValues<T>, MapError> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Other(format!("{name}: {e}")))?;
-    PerCpuValues::try_from(vec![T::default(); cpus])
-        .map_err(|e| MapError::Other(format!("{name}: {e}")))
 }
 
 fn trie_key(r: &SourceRange) -> Key<SourceRangeKey> {
@@ -119,9 +112,7 @@ impl MapStore for AyaMaps {
             .map_err(|e| err(maps::NODE_ADDRESSES, e))
     }
     fn maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError> {
-        (offset..offset + len)
-            .map(|i| self.maglev.get(&i, 0).map_err(|e| err(maps::MAGLEV, e)))
-            .collect()
+        self.maglev.read(offset, len)
     }
     fn config(&self) -> Result<Option<Config>, MapError> {
         let c = self.config.get(&0, 0).map_err(|e| err(maps::CONFIG, e))?;
@@ -164,12 +155,7 @@ impl MapStore for AyaMaps {
         }
     }
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError> {
-        for (i, id) in ids.iter().enumerate() {
-            self.maglev
-                .set(offset + i as u32, id, 0)
-                .map_err(|e| err(maps::MAGLEV, e))?;
-        }
-        Ok(())
+        self.maglev.write(offset, ids)
     }
     fn put_node_address(&mut self, addr: u32) -> Result<(), MapError> {
         self.node_addresses
@@ -198,15 +184,13 @@ impl MapStore for AyaMaps {
             Err(e) => Err(err(maps::SOURCE_RANGES, e)),
         }
     }
-    fn reset_service_counters(&mut self, id: u32) -> Result<(), MapError> {
+    fn reset_service_counters(&mut self, ids: &[u32]) -> Result<(), MapError> {
         let Some(c) = &mut self.counters else {
             return Err(MapError::Other("service counters not opened".into()));
         };
-        c.stats
-            .set(id, zeros(maps::SERVICE_STATS)?, 0)
-            .map_err(|e| err(maps::SERVICE_STATS, e))?;
-        c.drops
-            .set(id, zeros(maps::SERVICE_DROPS)?, 0)
-            .map_err(|e| err(maps::SERVICE_DROPS, e))
+        per_cpu_batch::zero(&c.stats, ids)
+            .map_err(|e| MapError::Other(format!("{}: {e}", maps::SERVICE_STATS)))?;
+        per_cpu_batch::zero(&c.drops, ids)
+            .map_err(|e| MapError::Other(format!("{}: {e}", maps::SERVICE_DROPS)))
     }
 }

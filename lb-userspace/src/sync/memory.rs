@@ -132,8 +132,10 @@ impl MapStore for MemoryMaps {
         self.source_ranges.remove(range);
         Ok(())
     }
-    fn reset_service_counters(&mut self, id: u32) -> Result<(), MapError> {
-        self.log.push(format!("reset_service_counters {id}"));
+    fn reset_service_counters(&mut self, ids: &[u32]) -> Result<(), MapError> {
+        for id in ids {
+            self.log.push(format!("reset_service_counters {id}"));
+        }
         Ok(())
     }
 }

@@ -7,7 +7,9 @@
 mod aya_maps;
 mod id_pool;
 mod maglev_alloc;
+mod maglev_mmap;
 mod memory;
+mod per_cpu_batch;
 mod syncer;
 
 pub use aya_maps::{open_pin, AyaMaps};
@@ -55,7 +57,7 @@ pub trait MapStore {
     fn put_config(&mut self, config: Config) -> Result<(), MapError>;
     fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
     fn delete_source_range(&mut self, range: &SourceRange) -> Result<(), MapError>;
-    /// Zeroes the packet, byte and drop counters of a service id before it is handed to a
-    /// service port, so that a reused id does not start with its previous owner's counts.
-    fn reset_service_counters(&mut self, id: u32) -> Result<(), MapError>;
+    /// Zeroes the packet, byte and drop counters of service ids before they are handed to
+    /// service ports, so that a reused id does not start with its previous owner's counts.
+    fn reset_service_counters(&mut self, ids: &[u32]) -> Result<(), MapError>;
 }

@@ -1,4 +1,15 @@
-//! The reconciler: ids, Maglev ranges and the diff between desired and programmed maps.
+//! The reconciler: ids, Maglev ranges and the difference between desired and programmed
+//! maps, kept per service port. Each service port remembers what it was last given and
+//! which entries it wants, so an unchanged one costs a comparison and a change writes only
+//! the entries of the service ports it touches.
+//!
+//! An apply runs in two phases: first every touched service port writes its backends,
+//! tables, source ranges and frontends; then what they no longer want is deleted (frontends
+//! before the ranges, tables and backends they name). A service port's id is handed out
+//! again only after its entries are gone.
+
+mod frontends;
+mod port;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -7,15 +18,12 @@ use std::{
 };
 
 use lb_common::{
-    addr, backend_state, capacity, maps, scope, service_flags, BackendValue, Config, ServiceKey,
-    ServiceValue,
+    addr, capacity, maps, scope, service_flags, BackendValue, Config, ServiceKey, ServiceValue,
 };
 
 use super::{id_pool::IdPool, maglev_alloc::RangeAllocator, MapError, MapStore, SourceRange};
-use crate::{
-    desired::{DesiredMaps, DesiredService, ServicePortId},
-    maglev,
-};
+use crate::desired::{DesiredMaps, DesiredService, ServicePortId};
+use port::Port;
 
 /// What one apply did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -27,6 +35,10 @@ pub struct SyncReport {
     pub map_full: usize,
     /// Maglev tables that were rebuilt because their backend set changed.
     pub tables_written: usize,
+    /// Service ids given to service ports by this apply.
+    pub ids_assigned: Vec<(u32, ServicePortId)>,
+    /// Service ids whose service ports went away (their entries with them).
+    pub ids_released: Vec<u32>,
 }
 
 impl SyncReport {
@@ -38,28 +50,63 @@ impl SyncReport {
     }
 }
 
-/// A Maglev range as written: where it is and which backend ids fill it.
+/// A Maglev range as written.
 #[derive(Debug, Clone)]
 struct Range {
     len: u32,
     table: Vec<u32>,
+    /// Frontend entries and service ports' frontend values that name it; at zero it is
+    /// freed (reused after a grace period).
+    users: u32,
+    /// Unique per write: a service port's memory of a range is valid only while it matches.
+    serial: u64,
 }
 
-/// Backend identity within a service port.
+/// Backend identity within a service port: (service id, address, port, protocol).
 type BackendKey = (u32, u32, u16, u8);
+
+/// What the second phase of an apply deletes or settles.
+#[derive(Default)]
+struct Pending {
+    /// Frontend keys a service port gave up: deleted, or handed to another claimant.
+    keys: Vec<ServiceKey>,
+    backends: Vec<u32>,
+    source_ranges: Vec<SourceRange>,
+    /// Ids of removed service ports, reusable once their entries are gone.
+    service_ids: Vec<u32>,
+}
 
 pub struct Syncer<S: MapStore> {
     store: S,
+    // What the maps hold, as written or recovered.
     services: BTreeMap<ServiceKey, ServiceValue>,
     backends: BTreeMap<u32, BackendValue>,
     node_addresses: BTreeSet<u32>,
     source_ranges: BTreeSet<SourceRange>,
-    service_ids: BTreeMap<ServicePortId, u32>,
+    ranges: BTreeMap<u32, Range>,
+    /// Ranges that may have lost their last user.
+    unused_ranges: Vec<u32>,
+    alloc: RangeAllocator,
+    next_serial: u64,
     backend_ids: BTreeMap<BackendKey, u32>,
     /// The ids `backend_ids` does not hold.
     free_backend_ids: IdPool,
-    ranges: BTreeMap<u32, Range>,
-    alloc: RangeAllocator,
+    // What the service ports want.
+    service_ids: BTreeMap<ServicePortId, u32>,
+    free_service_ids: IdPool,
+    /// Service ports by id.
+    ports: BTreeMap<u32, Port>,
+    /// The service ports that want each frontend key; the greatest service port wins.
+    claims: BTreeMap<ServiceKey, Vec<u32>>,
+    /// ClusterIPs (wire order) whose address marker is wanted.
+    markers: BTreeSet<u32>,
+    /// Service ports whose last apply did not complete: tried again on the next one.
+    failed: BTreeSet<ServicePortId>,
+    /// Markers whose write failed, likewise.
+    failed_markers: BTreeSet<Ipv4Addr>,
+    /// The maps may hold entries no service port wants (recovered ones, failed deletions):
+    /// the next full apply looks for them.
+    unowned: bool,
 }
 
 impl<S: MapStore> Syncer<S> {
@@ -70,19 +117,25 @@ impl<S: MapStore> Syncer<S> {
         let services: BTreeMap<_, _> = store.services()?.into_iter().collect();
         let backends: BTreeMap<_, _> = store.backends()?.into_iter().collect();
         let node_addresses = store.node_addresses()?.into_iter().collect();
-        let source_ranges = store.source_ranges()?.into_iter().collect();
-        let mut ranges = BTreeMap::new();
-        for v in services.values() {
-            if v.maglev_len > 0 && !ranges.contains_key(&v.maglev_offset) {
-                let table = store.maglev(v.maglev_offset, v.maglev_len)?;
-                ranges.insert(
-                    v.maglev_offset,
-                    Range {
-                        len: v.maglev_len,
-                        table,
-                    },
-                );
+        let source_ranges: BTreeSet<_> = store.source_ranges()?.into_iter().collect();
+        let mut ranges: BTreeMap<u32, Range> = BTreeMap::new();
+        let mut next_serial = 0;
+        for v in services.values().filter(|v| v.maglev_len > 0) {
+            if let Some(r) = ranges.get_mut(&v.maglev_offset) {
+                r.users += 1;
+                continue;
             }
+            let table = store.maglev(v.maglev_offset, v.maglev_len)?;
+            next_serial += 1;
+            ranges.insert(
+                v.maglev_offset,
+                Range {
+                    len: v.maglev_len,
+                    table,
+                    users: 1,
+                    serial: next_serial,
+                },
+            );
         }
         let backend_ids: BTreeMap<BackendKey, u32> = backends
             .iter()
@@ -96,17 +149,27 @@ impl<S: MapStore> Syncer<S> {
         if store.config()? != Some(config) {
             store.put_config(config)?;
         }
+        let unowned = !services.is_empty() || !backends.is_empty() || !source_ranges.is_empty();
         Ok(Self {
             store,
             services,
             backends,
             node_addresses,
             source_ranges,
-            service_ids: BTreeMap::new(),
+            ranges,
+            unused_ranges: Vec::new(),
+            alloc: RangeAllocator::new(capacity::MAGLEV, used),
+            next_serial,
             backend_ids,
             free_backend_ids,
-            ranges,
-            alloc: RangeAllocator::new(capacity::MAGLEV, used),
+            service_ids: BTreeMap::new(),
+            free_service_ids: IdPool::new(1, capacity::SERVICE_STATS),
+            ports: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            markers: BTreeSet::new(),
+            failed: BTreeSet::new(),
+            failed_markers: BTreeSet::new(),
+            unowned,
         })
     }
 
@@ -141,69 +204,219 @@ impl<S: MapStore> Syncer<S> {
         ]
     }
 
+    /// Brings the maps to `desired`: every service port whose desired state differs from
+    /// what it was last given, the ClusterIP markers, the node addresses, and entries no
+    /// service port wants.
     pub fn apply(&mut self, desired: &DesiredMaps) -> SyncReport {
         let mut report = SyncReport::default();
         self.tick();
-        self.assign_service_ids(desired, &mut report);
-        let mut want_services: BTreeMap<ServiceKey, ServiceValue> = BTreeMap::new();
-        let mut want_backends: BTreeSet<u32> = BTreeSet::new();
-        let mut want_ranges: BTreeSet<SourceRange> = BTreeSet::new();
-        for (id, svc) in &desired.services {
-            let Some(&sid) = self.service_ids.get(id) else {
-                report.fail(
-                    &format!("service {id}"),
-                    MapError::Full(maps::SERVICE_STATS),
-                );
-                continue;
-            };
-            let ids = match self.sync_backends(sid, id.protocol, svc, &mut report) {
-                Some(ids) => ids,
-                None => continue,
-            };
-            want_backends.extend(ids.iter().copied());
-            self.sync_frontends(sid, id, svc, &ids, &mut want_services, &mut report);
-            if svc.frontends.iter().any(|f| f.filter_sources) {
-                want_ranges.extend(svc.source_ranges.iter().map(|(a, len)| SourceRange {
-                    service_id: sid,
-                    addr: addr::ipv4(a.octets()),
-                    prefix_len: *len,
-                }));
-            }
-        }
-        // Ranges before the frontends that check them: a frontend never filters against a
-        // range set that is still being written.
-        for r in want_ranges.difference(&self.source_ranges.clone()) {
-            match self.store.put_source_range(*r) {
-                Ok(()) => {
-                    report.writes += 1;
-                    self.source_ranges.insert(*r);
-                }
-                Err(e) => report.fail("source range", e),
-            }
-        }
-        for ip in &desired.cluster_ips {
-            let key = ServiceKey::new(addr::ipv4(ip.octets()), 0, 0, scope::INTERNAL);
-            let value = ServiceValue::new(0, service_flags::ADDRESS_ONLY, 0, 0, 0, 0, 0);
-            want_services.insert(key, value);
-        }
-        for (key, value) in &want_services {
-            if self.services.get(key) == Some(value) {
-                continue;
-            }
-            match self.store.put_service(*key, *value) {
-                Ok(()) => {
-                    report.writes += 1;
-                    self.services.insert(*key, *value);
-                }
-                Err(e) => report.fail(&format!("frontend {key:?}"), e),
-            }
-        }
+        let removed = self
+            .service_ids
+            .keys()
+            .filter(|id| !desired.services.contains_key(*id));
+        let changed = desired
+            .services
+            .iter()
+            .filter(|(id, svc)| !self.is_applied(id, svc))
+            .map(|(id, _)| id);
+        let ports: Vec<ServicePortId> = removed.chain(changed).cloned().collect();
+        let ips: BTreeSet<Ipv4Addr> = desired
+            .cluster_ips
+            .iter()
+            .copied()
+            .chain(
+                self.markers
+                    .iter()
+                    .map(|a| Ipv4Addr::from(addr::ipv4_octets(*a))),
+            )
+            .collect();
         let want_nodes: BTreeSet<u32> = desired
             .node_addresses
             .iter()
             .map(|a| addr::ipv4(a.octets()))
             .collect();
-        for a in want_nodes.difference(&self.node_addresses.clone()) {
+        let mut pending = Pending::default();
+        self.upsert(desired, &ports, &ips, &mut pending, &mut report);
+        self.put_node_addresses(&want_nodes, &mut report);
+        self.settle(desired, &ports, &ips, pending, &mut report);
+        self.delete_node_addresses(&want_nodes, &mut report);
+        if self.unowned {
+            self.sweep(&mut report);
+        }
+        report
+    }
+
+    /// Brings the given service ports and ClusterIP markers to `desired`, and retries
+    /// service ports whose last apply failed; nothing else is looked at. `desired` must be
+    /// complete: a service port that another one conflicts with is found in it.
+    pub fn apply_changes(
+        &mut self,
+        desired: &DesiredMaps,
+        ports: &BTreeSet<ServicePortId>,
+        cluster_ips: &BTreeSet<Ipv4Addr>,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        self.tick();
+        let ports: Vec<ServicePortId> = ports
+            .union(&self.failed)
+            .filter(|id| match desired.services.get(*id) {
+                Some(svc) => !self.is_applied(id, svc),
+                None => self.service_ids.contains_key(*id),
+            })
+            .cloned()
+            .collect();
+        let ips: BTreeSet<Ipv4Addr> = cluster_ips.union(&self.failed_markers).copied().collect();
+        let mut pending = Pending::default();
+        self.upsert(desired, &ports, &ips, &mut pending, &mut report);
+        self.settle(desired, &ports, &ips, pending, &mut report);
+        report
+    }
+
+    fn is_applied(&self, id: &ServicePortId, svc: &DesiredService) -> bool {
+        self.service_ids
+            .get(id)
+            .and_then(|sid| self.ports.get(sid))
+            .is_some_and(|p| p.applied.as_ref() == Some(svc))
+    }
+
+    /// The first phase: ids, then every service port's entries, then address markers.
+    fn upsert(
+        &mut self,
+        desired: &DesiredMaps,
+        ports: &[ServicePortId],
+        ips: &BTreeSet<Ipv4Addr>,
+        pending: &mut Pending,
+        report: &mut SyncReport,
+    ) {
+        self.assign_service_ids(desired, ports, report);
+        for id in ports {
+            let (Some(svc), Some(&sid)) = (desired.services.get(id), self.service_ids.get(id))
+            else {
+                continue;
+            };
+            self.upsert_port(sid, id, svc, pending, report);
+        }
+        for ip in ips.iter().filter(|ip| desired.cluster_ips.contains(ip)) {
+            let a = addr::ipv4(ip.octets());
+            self.markers.insert(a);
+            let (key, value) = marker(a);
+            if self.services.get(&key) == Some(&value) || self.put_frontend(key, value, report) {
+                self.failed_markers.remove(ip);
+            } else {
+                self.failed_markers.insert(*ip);
+            }
+        }
+    }
+
+    /// Keeps the id a service port already has (also one recovered from the maps through
+    /// its frontend keys), and gives new service ports the lowest free id, whose counters
+    /// start again from zero (a recovered id keeps counting for the same service port).
+    fn assign_service_ids(
+        &mut self,
+        desired: &DesiredMaps,
+        ports: &[ServicePortId],
+        report: &mut SyncReport,
+    ) {
+        let new: Vec<(&ServicePortId, &DesiredService)> = ports
+            .iter()
+            .filter(|id| !self.service_ids.contains_key(*id))
+            .filter_map(|id| Some((id, desired.services.get(id)?)))
+            .collect();
+        let mut fresh = Vec::new();
+        for (id, svc) in new {
+            let recovered = svc.frontends.iter().find_map(|f| {
+                let key = frontend_key(f.addr, f.port, id.protocol, f.scope);
+                let sid = self.services.get(&key)?.id;
+                (sid != 0 && self.free_service_ids.take(sid)).then_some(sid)
+            });
+            match recovered {
+                Some(sid) => self.add_port(sid, id, report),
+                None => fresh.push(id),
+            }
+        }
+        let mut given = Vec::with_capacity(fresh.len());
+        for id in fresh {
+            let Some(sid) = self.free_service_ids.alloc() else {
+                report.fail(
+                    &format!("service {id}"),
+                    MapError::Full(maps::SERVICE_STATS),
+                );
+                self.failed.insert(id.clone());
+                continue;
+            };
+            given.push((sid, id));
+        }
+        // Before any entry names the ids. A failure only leaves old counts behind.
+        let sids: Vec<u32> = given.iter().map(|(sid, _)| *sid).collect();
+        if !sids.is_empty() {
+            match self.store.reset_service_counters(&sids) {
+                Ok(()) => report.writes += sids.len(),
+                Err(e) => report.fail("counters of new service ids", e),
+            }
+        }
+        for (sid, id) in given {
+            self.add_port(sid, id, report);
+        }
+    }
+
+    fn add_port(&mut self, sid: u32, id: &ServicePortId, report: &mut SyncReport) {
+        self.service_ids.insert(id.clone(), sid);
+        self.ports.insert(sid, Port::new(id.clone()));
+        report.ids_assigned.push((sid, id.clone()));
+    }
+
+    /// The second phase: removed service ports go, then whatever the first phase left
+    /// unwanted, in reverse order of dependency.
+    fn settle(
+        &mut self,
+        desired: &DesiredMaps,
+        ports: &[ServicePortId],
+        ips: &BTreeSet<Ipv4Addr>,
+        mut pending: Pending,
+        report: &mut SyncReport,
+    ) {
+        for id in ports
+            .iter()
+            .filter(|id| !desired.services.contains_key(*id))
+        {
+            self.failed.remove(id);
+            let Some(sid) = self.service_ids.remove(id) else {
+                continue;
+            };
+            if let Some(port) = self.ports.remove(&sid) {
+                for (_, value) in &port.frontends {
+                    self.release_range(value);
+                }
+                self.give_up(sid, &port.frontends, &mut pending);
+                pending.backends.extend(port.backends);
+                pending.source_ranges.extend(port.source_ranges);
+            }
+            pending.service_ids.push(sid);
+        }
+        for ip in ips.iter().filter(|ip| !desired.cluster_ips.contains(ip)) {
+            let a = addr::ipv4(ip.octets());
+            self.markers.remove(&a);
+            self.failed_markers.remove(ip);
+            self.delete_frontend(marker(a).0, report);
+        }
+        for key in pending.keys {
+            self.resettle(key, report);
+        }
+        self.release_unused_ranges();
+        for r in pending.source_ranges {
+            self.delete_source_range(r, report);
+        }
+        for id in pending.backends {
+            self.delete_backend(id, report);
+        }
+        for sid in pending.service_ids {
+            self.free_service_ids.release(sid);
+            report.ids_released.push(sid);
+        }
+    }
+
+    fn put_node_addresses(&mut self, want: &BTreeSet<u32>, report: &mut SyncReport) {
+        for a in want.difference(&self.node_addresses.clone()) {
             match self.store.put_node_address(*a) {
                 Ok(()) => {
                     report.writes += 1;
@@ -212,57 +425,10 @@ impl<S: MapStore> Syncer<S> {
                 Err(e) => report.fail("node address", e),
             }
         }
-        // Deletions, in reverse order of dependency.
-        let stale: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !want_services.contains_key(k))
-            .copied()
-            .collect();
-        for key in stale {
-            match self.store.delete_service(&key) {
-                Ok(()) => {
-                    report.deletes += 1;
-                    self.services.remove(&key);
-                }
-                Err(e) => report.fail(&format!("delete frontend {key:?}"), e),
-            }
-        }
-        self.release_unused_ranges();
-        for r in self.source_ranges.clone().difference(&want_ranges) {
-            match self.store.delete_source_range(r) {
-                Ok(()) => {
-                    report.deletes += 1;
-                    self.source_ranges.remove(r);
-                }
-                Err(e) => report.fail("delete source range", e),
-            }
-        }
-        let stale: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !want_backends.contains(id))
-            .copied()
-            .collect();
-        for id in stale {
-            match self.store.delete_backend(id) {
-                Ok(()) => {
-                    report.deletes += 1;
-                    self.backends.remove(&id);
-                }
-                Err(e) => report.fail(&format!("delete backend {id}"), e),
-            }
-        }
-        let free = &mut self.free_backend_ids;
-        let backends = &self.backends;
-        self.backend_ids.retain(|_, id| {
-            let live = backends.contains_key(id);
-            if !live {
-                free.release(*id);
-            }
-            live
-        });
-        for a in self.node_addresses.clone().difference(&want_nodes) {
+    }
+
+    fn delete_node_addresses(&mut self, want: &BTreeSet<u32>, report: &mut SyncReport) {
+        for a in self.node_addresses.clone().difference(want) {
             match self.store.delete_node_address(*a) {
                 Ok(()) => {
                     report.deletes += 1;
@@ -271,229 +437,131 @@ impl<S: MapStore> Syncer<S> {
                 Err(e) => report.fail("delete node address", e),
             }
         }
-        report
     }
 
-    /// Keeps the id a service port already has (also one recovered from the maps through
-    /// its frontend keys), and gives new service ports the lowest free id, whose counters
-    /// start again from zero (a recovered id keeps counting for the same service port).
-    fn assign_service_ids(&mut self, desired: &DesiredMaps, report: &mut SyncReport) {
-        self.service_ids
-            .retain(|id, _| desired.services.contains_key(id));
-        let mut taken: BTreeSet<u32> = self.service_ids.values().copied().collect();
-        for (id, svc) in &desired.services {
-            if self.service_ids.contains_key(id) {
-                continue;
-            }
-            let recovered = svc.frontends.iter().find_map(|f| {
-                let key = frontend_key(f.addr, f.port, id.protocol, f.scope);
-                self.services
-                    .get(&key)
-                    .map(|v| v.id)
-                    .filter(|sid| *sid != 0 && !taken.contains(sid))
-            });
-            if let Some(sid) = recovered {
-                taken.insert(sid);
-                self.service_ids.insert(id.clone(), sid);
-            }
+    fn put_source_range(&mut self, r: SourceRange, report: &mut SyncReport) -> bool {
+        if self.source_ranges.contains(&r) {
+            return true;
         }
-        let mut next = 1;
-        for id in desired.services.keys() {
-            if self.service_ids.contains_key(id) {
-                continue;
+        match self.store.put_source_range(r) {
+            Ok(()) => {
+                report.writes += 1;
+                self.source_ranges.insert(r);
+                true
             }
-            while taken.contains(&next) {
-                next += 1;
-            }
-            if next >= capacity::SERVICE_STATS {
-                return;
-            }
-            taken.insert(next);
-            self.service_ids.insert(id.clone(), next);
-            // Before any entry names the id. A failure only leaves old counts behind.
-            match self.store.reset_service_counters(next) {
-                Ok(()) => report.writes += 1,
-                Err(e) => report.fail(&format!("counters of service {id}"), e),
+            Err(e) => {
+                report.fail("source range", e);
+                false
             }
         }
     }
 
-    /// Writes the backends of one service port; returns their ids in the service's order.
-    fn sync_backends(
-        &mut self,
-        sid: u32,
-        protocol: u8,
-        svc: &DesiredService,
-        report: &mut SyncReport,
-    ) -> Option<Vec<u32>> {
-        let mut ids = Vec::with_capacity(svc.backends.len());
-        for b in &svc.backends {
-            let (a, p) = (addr::ipv4(b.addr.octets()), addr::port(b.port));
-            let key = (sid, a, p, protocol);
-            let id = match self.backend_ids.get(&key) {
-                Some(id) => *id,
-                None => {
-                    let Some(id) = self.free_backend_ids.alloc() else {
-                        report.fail("backend", MapError::Full(maps::BACKENDS));
-                        return None;
-                    };
-                    self.backend_ids.insert(key, id);
-                    id
-                }
-            };
-            let flags = if b.local {
-                lb_common::backend_flags::LOCAL
-            } else {
-                0
-            };
-            let value = BackendValue::new(a, p, protocol, b.state, sid, flags);
-            if self.backends.get(&id) != Some(&value) {
-                match self.store.put_backend(id, value) {
-                    Ok(()) => {
-                        report.writes += 1;
-                        self.backends.insert(id, value);
-                    }
-                    Err(e) => {
-                        report.fail(&format!("backend {}:{}", b.addr, b.port), e);
-                        return None;
-                    }
-                }
-            }
-            ids.push(id);
+    fn delete_source_range(&mut self, r: SourceRange, report: &mut SyncReport) {
+        if !self.source_ranges.contains(&r) {
+            return;
         }
-        Some(ids)
-    }
-
-    fn sync_frontends(
-        &mut self,
-        sid: u32,
-        id: &ServicePortId,
-        svc: &DesiredService,
-        ids: &[u32],
-        want: &mut BTreeMap<ServiceKey, ServiceValue>,
-        report: &mut SyncReport,
-    ) {
-        // Frontends with the same selection share one table.
-        let mut tables: BTreeMap<Vec<usize>, (u32, u32)> = BTreeMap::new();
-        for f in &svc.frontends {
-            let key = frontend_key(f.addr, f.port, id.protocol, f.scope);
-            let (offset, len) = match tables.get(&f.selection) {
-                Some(t) => *t,
-                None => {
-                    let Some(t) = self.table_for(&key, svc, &f.selection, ids, report) else {
-                        continue;
-                    };
-                    tables.insert(f.selection.clone(), t);
-                    t
-                }
-            };
-            let mut flags = 0;
-            if f.local_policy {
-                flags |= service_flags::LOCAL_POLICY;
+        match self.store.delete_source_range(&r) {
+            Ok(()) => {
+                report.deletes += 1;
+                self.source_ranges.remove(&r);
             }
-            if f.filter_sources {
-                flags |= service_flags::SOURCE_RANGES;
+            Err(e) => {
+                report.fail("delete source range", e);
+                self.unowned = true;
             }
-            if f.dsr {
-                flags |= service_flags::DSR;
-            }
-            // The plan picks terminating endpoints only when no endpoint is ready.
-            let fallback = !f.selection.is_empty()
-                && f.selection
-                    .iter()
-                    .all(|&i| svc.backends[i].state == backend_state::TERMINATING);
-            if fallback {
-                flags |= service_flags::TERMINATING_FALLBACK;
-            }
-            let affinity = svc.affinity_timeout.unwrap_or(0);
-            if svc.affinity_timeout.is_some() {
-                flags |= service_flags::AFFINITY;
-            }
-            let count = f.selection.len() as u32;
-            want.insert(
-                key,
-                ServiceValue::new(sid, flags, f.kind, offset, len, count, affinity),
-            );
         }
     }
 
-    /// The Maglev range for a selection: the one the frontend already points at when its
-    /// content is right, else a fresh range (never the one in use: packets may be reading
-    /// it while it is written).
-    fn table_for(
-        &mut self,
-        key: &ServiceKey,
-        svc: &DesiredService,
-        selection: &[usize],
-        ids: &[u32],
-        report: &mut SyncReport,
-    ) -> Option<(u32, u32)> {
-        if selection.is_empty() {
-            return Some((0, 0));
-        }
-        let len = capacity::maglev_len(selection.len() as u32);
-        let names: Vec<String> = selection
-            .iter()
-            .map(|&i| format!("{}:{}", svc.backends[i].addr, svc.backends[i].port))
-            .collect();
-        let table: Vec<u32> = maglev::table(&names, len)
-            .iter()
-            .map(|&i| ids[selection[i as usize]])
-            .collect();
-        if let Some(cur) = self.services.get(key) {
-            if let Some(r) = self.ranges.get(&cur.maglev_offset) {
-                if r.len == len && r.table == table {
-                    return Some((cur.maglev_offset, len));
-                }
-            }
-        }
-        // Another frontend of this service (backend ids belong to one service, so no other
-        // service's table can match) may hold the same table already.
-        let shared = svc.frontends.iter().find_map(|f| {
-            let cur = self
-                .services
-                .get(&frontend_key(f.addr, f.port, key.proto, f.scope))?;
-            let r = self.ranges.get(&cur.maglev_offset)?;
-            (r.len == len && r.table == table).then_some(cur.maglev_offset)
-        });
-        if let Some(off) = shared {
-            return Some((off, len));
-        }
-        let Some(offset) = self.alloc.alloc(len) else {
-            report.fail("maglev table", MapError::Full(maps::MAGLEV));
-            return None;
+    fn delete_backend(&mut self, id: u32, report: &mut SyncReport) {
+        let Some(b) = self.backends.get(&id).copied() else {
+            return;
         };
-        if let Err(e) = self.store.write_maglev(offset, &table) {
-            report.fail("maglev table", e);
-            self.alloc.release(offset, len, Instant::now());
-            return None;
+        match self.store.delete_backend(id) {
+            Ok(()) => {
+                report.deletes += 1;
+                self.backends.remove(&id);
+                self.backend_ids
+                    .remove(&(b.service_id, b.addr, b.port, b.proto));
+                self.free_backend_ids.release(id);
+            }
+            Err(e) => {
+                report.fail(&format!("delete backend {id}"), e);
+                self.unowned = true;
+            }
         }
-        report.writes += 1;
-        report.tables_written += 1;
-        self.ranges.insert(offset, Range { len, table });
-        Some((offset, len))
     }
 
     fn release_unused_ranges(&mut self) {
-        let used: BTreeSet<u32> = self
-            .services
-            .values()
-            .filter(|v| v.maglev_len > 0)
-            .map(|v| v.maglev_offset)
-            .collect();
         let now = Instant::now();
-        let unused: Vec<u32> = self
-            .ranges
-            .keys()
-            .filter(|o| !used.contains(o))
-            .copied()
-            .collect();
-        for off in unused {
-            if let Some(r) = self.ranges.remove(&off) {
+        for off in std::mem::take(&mut self.unused_ranges) {
+            if self.ranges.get(&off).is_some_and(|r| r.users == 0) {
+                let r = self.ranges.remove(&off).expect("present");
                 self.alloc.release(off, r.len, now);
             }
         }
     }
+
+    /// Deletes what no service port wants: entries recovered from the maps of a previous
+    /// run, or left by a deletion that failed.
+    fn sweep(&mut self, report: &mut SyncReport) {
+        self.unowned = false;
+        let stale: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !self.claims.contains_key(k) && !self.is_marker(k))
+            .copied()
+            .collect();
+        for key in stale {
+            self.delete_frontend(key, report);
+        }
+        self.release_unused_ranges();
+        let owned: BTreeSet<SourceRange> = self
+            .ports
+            .values()
+            .flat_map(|p| p.source_ranges.iter().copied())
+            .collect();
+        for r in self.source_ranges.clone().difference(&owned) {
+            self.delete_source_range(*r, report);
+        }
+        let owned: BTreeSet<u32> = self
+            .ports
+            .values()
+            .flat_map(|p| p.backends.iter().copied())
+            .collect();
+        let stale: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !owned.contains(id))
+            .copied()
+            .collect();
+        for id in stale {
+            self.delete_backend(id, report);
+        }
+    }
+
+    /// Every Maglev range an entry names is recorded as in use.
+    #[cfg(test)]
+    pub fn assert_ranges_held(&self) {
+        for (key, v) in self.services.iter().filter(|(_, v)| v.maglev_len > 0) {
+            let range = self.ranges.get(&v.maglev_offset);
+            assert!(
+                range.is_some_and(|r| r.users > 0 && r.len == v.maglev_len),
+                "{key:?} names a range not held: {v:?}"
+            );
+        }
+    }
+
+    fn is_marker(&self, key: &ServiceKey) -> bool {
+        self.markers.contains(&key.addr) && marker(key.addr).0 == *key
+    }
+}
+
+/// The entry that marks `a` as a service address: other ports on it are rejected.
+fn marker(a: u32) -> (ServiceKey, ServiceValue) {
+    (
+        ServiceKey::new(a, 0, 0, scope::INTERNAL),
+        ServiceValue::new(0, service_flags::ADDRESS_ONLY, 0, 0, 0, 0, 0),
+    )
 }
 
 fn frontend_key(a: Ipv4Addr, port: u16, protocol: u8, scope_nr: u8) -> ServiceKey {

@@ -1,24 +1,29 @@
 //! Control-plane figures at N services, for every arm: programming the whole set from
 //! nothing, and one endpoint change measured from the moment the change reaches the
-//! program (a parsed delta for the agent; the restore input for iptables and nft). The
-//! rulesets are loaded into a network namespace made for the purpose, never the host's.
+//! program (for the agent a parsed EndpointSlice watch event, taken through its store and
+//! incremental sync; the restore input for iptables and nft). The rulesets are loaded
+//! into a network namespace made for the purpose, never the host's.
 
 use std::{
     io::Write,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{programs::Xdp, Ebpf, EbpfLoader};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::Event;
 use lb_common::Config;
 use lb_userspace::{
+    controller::Controller,
+    health::Health,
+    kubernetes::{KubeStore, Update},
     manifest::ManifestSource,
-    plan::plan,
-    state::{ClusterState, NodeContext, ObjectRef},
+    state::{ClusterState, NodeContext},
     sync::{AyaMaps, Syncer},
     testbed::{unique, Netns},
 };
@@ -97,17 +102,22 @@ pub fn load(object: &Path) -> Result<Loaded> {
     })
 }
 
-/// Plans `state` and writes it into the maps of `loaded`; the syncer and the time taken.
-pub fn program(loaded: &mut Loaded, state: &ClusterState) -> Result<(Syncer<AyaMaps>, Duration)> {
+/// Plans `state` and writes it into the maps of `loaded` as the agent's first sync does;
+/// the controller and the time taken.
+pub fn program(
+    loaded: &mut Loaded,
+    state: &ClusterState,
+) -> Result<(Controller<AyaMaps>, Duration)> {
+    let health = Arc::new(Health::new(Duration::from_secs(60))?);
     let t = Instant::now();
-    let mut syncer = Syncer::recover(AyaMaps::from_ebpf(&mut loaded.ebpf)?, Config::default())?;
-    let desired = plan(state, &node()).desired;
-    let report = syncer.apply(&desired);
+    let syncer = Syncer::recover(AyaMaps::from_ebpf(&mut loaded.ebpf)?, Config::default())?;
+    let mut ctl = Controller::new(node(), syncer, health);
+    let report = ctl.sync(state);
     let took = t.elapsed();
     if let Some(e) = report.errors.first() {
         bail!("programming the services: {e}");
     }
-    Ok((syncer, took))
+    Ok((ctl, took))
 }
 
 /// Which service an endpoint change hits: one in the middle of the set.
@@ -115,9 +125,11 @@ fn changed_index(n: usize) -> usize {
     n / 2
 }
 
-/// The agent's endpoint change: the new slice arrives, then plan and the map writes.
+/// The agent's endpoint change, timed from the parsed watch event: the event goes into the
+/// agent's store (`state`, which the store holds meanwhile), then the incremental sync of
+/// the services it touched, as the agent runs it for a watch event once synced.
 pub fn agent_change(
-    syncer: &mut Syncer<AyaMaps>,
+    ctl: &mut Controller<AyaMaps>,
     state: &mut ClusterState,
     n: usize,
 ) -> Result<Duration> {
@@ -125,17 +137,13 @@ pub fn agent_change(
     let s = &services[changed_index(n)];
     let slice: EndpointSlice =
         serde_json::from_value(workload::slice(s, &[s.endpoints[0], NEW_ENDPOINT]))?;
-    let name = slice.metadata.name.clone().unwrap_or_default();
+    let mut store = KubeStore::default();
+    std::mem::swap(&mut store.state, state);
     let t = Instant::now();
-    state.slices.insert(
-        ObjectRef {
-            namespace: workload::NAMESPACE.into(),
-            name,
-        },
-        slice,
-    );
-    let report = syncer.apply(&plan(state, &node()).desired);
+    let changes = store.update(Update::Slice(Event::Apply(slice)));
+    let report = ctl.sync_services(&store.state, &changes.touched);
     let took = t.elapsed();
+    std::mem::swap(&mut store.state, state);
     if report.writes == 0 {
         bail!("the endpoint change wrote nothing");
     }
@@ -234,6 +242,7 @@ pub fn map_memory(pins: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_userspace::plan::plan;
 
     /// The generated rulesets load (checked without being applied: `--test` and `-c`).
     #[test]

@@ -277,11 +277,14 @@ fn a_fresh_id_gets_zeroed_counters_before_any_entry_names_it() {
         "{log:?}"
     );
 
-    // a goes and c comes in the same sync: c takes a's id, zeroed again.
+    // a goes and c comes in the same sync: a's entries name its id until they are
+    // deleted, so c gets another; the next new service port takes a's, zeroed again.
     let a_id = s.service_ids()[&id("a")];
-    let mark = s.store().log.len();
     s.apply(&desired(&[("b", 2, &[2]), ("c", 3, &[3])]));
-    assert_eq!(s.service_ids()[&id("c")], a_id, "the lowest free id");
+    assert_ne!(s.service_ids()[&id("c")], a_id);
+    let mark = s.store().log.len();
+    s.apply(&desired(&[("b", 2, &[2]), ("c", 3, &[3]), ("d", 4, &[4])]));
+    assert_eq!(s.service_ids()[&id("d")], a_id, "the lowest free id");
     let log = &s.store().log[mark..];
     let reset = log
         .iter()
@@ -303,7 +306,7 @@ fn a_fresh_id_gets_zeroed_counters_before_any_entry_names_it() {
     // A restarted agent recovers the ids and keeps counting on them.
     let mut again = Syncer::recover(s.store().clone(), Config::default()).unwrap();
     let mark = again.store().log.len();
-    again.apply(&desired(&[("b", 2, &[2]), ("c", 3, &[3])]));
+    again.apply(&desired(&[("b", 2, &[2]), ("c", 3, &[3]), ("d", 4, &[4])]));
     assert!(
         !again.store().log[mark..]
             .iter()
@@ -311,4 +314,113 @@ fn a_fresh_id_gets_zeroed_counters_before_any_entry_names_it() {
         "{:?}",
         &again.store().log[mark..]
     );
+}
+
+#[test]
+fn an_incremental_apply_writes_only_the_touched_service_port() {
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    s.apply(&desired(&[
+        ("a", 1, &[1, 2]),
+        ("b", 2, &[3]),
+        ("c", 3, &[4]),
+    ]));
+    let mark = s.store().log.len();
+    let d = desired(&[("a", 1, &[1, 2]), ("b", 2, &[3, 5]), ("c", 3, &[4])]);
+    let r = s.apply_changes(&d, &BTreeSet::from([id("b")]), &BTreeSet::new());
+    assert!(r.errors.is_empty(), "{r:?}");
+    let b = entry(&s, 2);
+    let log = &s.store().log[mark..];
+    let backend = s
+        .store()
+        .backends
+        .iter()
+        .find(|(_, v)| v.addr == addr::ipv4([10, 0, 0, 5]))
+        .map(|(id, _)| *id)
+        .unwrap();
+    assert_eq!(
+        log,
+        [
+            format!("put_backend {backend}"),
+            format!("write_maglev {}+251", b.maglev_offset),
+            format!(
+                "put_service {:?}",
+                frontend_key(Ipv4Addr::new(10, 96, 0, 2), 80, 6, scope::INTERNAL)
+            ),
+        ]
+    );
+    // A full apply agrees that nothing else is left to do.
+    let r = s.apply(&d);
+    assert_eq!((r.writes, r.deletes), (0, 0), "{r:?}");
+}
+
+#[test]
+fn a_service_port_that_failed_is_retried_by_the_next_incremental_apply() {
+    let maps = MemoryMaps::with_capacity(1, 1 << 16);
+    let mut s = Syncer::recover(maps, Config::default()).unwrap();
+    let d = desired(&[("a", 1, &[1]), ("b", 2, &[2])]);
+    let r = s.apply(&d);
+    assert!(r.map_full >= 1, "{r:?}");
+    let missing = |s: &Syncer<MemoryMaps>| {
+        [1, 2]
+            .iter()
+            .filter(|i| {
+                let key = frontend_key(Ipv4Addr::new(10, 96, 0, **i), 80, 6, scope::INTERNAL);
+                !s.store().services.contains_key(&key)
+            })
+            .count()
+    };
+    assert_eq!(missing(&s), 1);
+    s.store.service_capacity = 16;
+    let r = s.apply_changes(&d, &BTreeSet::new(), &BTreeSet::new());
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(missing(&s), 0);
+    assert!(
+        s.store()
+            .services
+            .contains_key(&marker(addr::ipv4([10, 96, 0, 2])).0),
+        "the marker that did not fit is written too"
+    );
+}
+
+/// Service "a" and "b" both answering on 10.96.0.1:80; b's port id is the greater.
+fn sharing(b_backends: Option<&[u8]>) -> DesiredMaps {
+    let mut d = desired(&[("a", 1, &[1])]);
+    if let Some(backends) = b_backends {
+        let mut b = desired(&[("b", 1, backends)]);
+        d.services.append(&mut b.services);
+    }
+    d
+}
+
+#[test]
+fn a_shared_frontend_holds_the_greatest_claimant_and_passes_to_the_next() {
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    s.apply(&sharing(None));
+    let a = entry(&s, 1);
+    let r = s.apply_changes(
+        &sharing(Some(&[2])),
+        &BTreeSet::from([id("b")]),
+        &BTreeSet::new(),
+    );
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(entry(&s, 1).id, s.service_ids()[&id("b")]);
+    // b goes: the entry is a's again, pointing at the table a kept while it waited.
+    let r = s.apply_changes(&sharing(None), &BTreeSet::from([id("b")]), &BTreeSet::new());
+    assert!(r.errors.is_empty(), "{r:?}");
+    let again = entry(&s, 1);
+    assert_eq!(again, a);
+    assert_eq!(r.tables_written, 0);
+    assert!(
+        s.ranges.get(&a.maglev_offset).is_some_and(|r| r.users > 0),
+        "a's table was freed while its entry still names it"
+    );
+    let table = s
+        .store()
+        .maglev(again.maglev_offset, again.maglev_len)
+        .unwrap();
+    assert!(table
+        .iter()
+        .all(|b| s.store().backends[b].addr == addr::ipv4([10, 0, 0, 1])));
+    let r = s.apply(&sharing(None));
+    assert_eq!((r.writes, r.deletes), (0, 0), "{r:?}");
 }
