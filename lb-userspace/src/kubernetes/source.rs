@@ -79,6 +79,7 @@ impl KubeSource {
         self.synced_once = true;
         if first || changes.node || changes.relisted {
             ctl.sync(&self.store.state);
+            crate::agent::release_free_memory();
         } else {
             ctl.sync_services(&self.store.state, &changes.touched);
         }
