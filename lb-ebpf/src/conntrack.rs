@@ -1,7 +1,6 @@
 //! The shared conntrack map: a forward entry per flow (client tuple -> backend) and a
 //! reply entry (backend tuple -> frontend), with lifetimes from CONFIG.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{ct_kind, proto, tcp_state, Config, CtKey, CtValue, DEFAULT_HAIRPIN_ADDR};
 
 use crate::{
@@ -14,11 +13,6 @@ const NS: u64 = 1_000_000_000;
 /// Refreshing `last_seen_ns` on every packet would write a shared cache line per packet;
 /// lifetimes are seconds to hours, so once a second is precise enough.
 const REFRESH_NS: u64 = NS;
-
-#[inline(always)]
-pub fn now() -> u64 {
-    unsafe { bpf_ktime_get_ns() }
-}
 
 /// The service-loopback address hairpinned flows are source-NATed to.
 #[inline(always)]

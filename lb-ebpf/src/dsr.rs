@@ -14,7 +14,7 @@ use aya_ebpf::{
 use lb_common::{ct_flags, proto, scope, service_flags, stats::drop_reason, stats::verdict};
 
 use crate::{
-    conntrack, csum, fib,
+    clock, conntrack, csum, fib,
     nat::{End, Rewrite},
     parse::{parse, ptr_at, Flow, ETH_HLEN},
     select::{lookup, Choice},
@@ -150,7 +150,7 @@ fn deliver(ctx: &XdpContext, inner: &Flow, pod: u32, port: u16) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let now = conntrack::now();
+    let now = clock::now();
     let (addr, port) = match conntrack::forward(inner, svc.id, now) {
         Some(e) => (e.addr, e.port),
         None => {

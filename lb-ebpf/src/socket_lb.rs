@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    affinity, conntrack,
+    affinity, clock,
     maps::{SOCK_CONFIG, SOCK_REVNAT},
     select::{client_hash, fmix, is_node_address, known_cluster_ip, lookup, select_by_hash},
     source_range,
@@ -92,7 +92,7 @@ fn decide(dst: u32, dport: u16, proto_nr: u8, cookie: u64, cfg: &SockConfig) -> 
     if svc.backend_count == 0 {
         return Decision::Reject;
     }
-    let now = conntrack::now();
+    let now = clock::now();
     let affine = svc.flags & service_flags::AFFINITY != 0;
     let bound = if affine {
         affinity::lookup(client, &svc, now)
