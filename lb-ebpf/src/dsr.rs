@@ -143,9 +143,10 @@ pub fn xdp_decap(ctx: &XdpContext, outer: &Flow) -> u32 {
 #[inline(always)]
 fn deliver(ctx: &XdpContext, inner: &Flow, pod: u32, port: u16) -> u32 {
     // The frontend may be another node's NodePort: any destination address matches.
-    let Some(svc) = lookup(inner.dst, inner.dport, inner.proto, scope::EXTERNAL, true)
-        .filter(|s| s.flags & service_flags::ADDRESS_ONLY == 0)
-    else {
+    let frontend = lookup(inner.dst, inner.dport, inner.proto, scope::EXTERNAL, || {
+        true
+    });
+    let Some(svc) = frontend.filter(|s| s.flags & service_flags::ADDRESS_ONLY == 0) else {
         count_drop(drop_reason::DSR_UNKNOWN_FRONTEND);
         return xdp_action::XDP_DROP;
     };

@@ -75,7 +75,7 @@ fn decide(dst: u32, dport: u16, proto_nr: u8, cookie: u64, cfg: &SockConfig) -> 
     if proto_nr != proto::TCP && proto_nr != proto::UDP {
         return Decision::Pass;
     }
-    let on_node = is_loopback(dst) || is_node_address(dst);
+    let on_node = || is_loopback(dst) || is_node_address(dst);
     let svc = match lookup(dst, dport, proto_nr, scope::INTERNAL, on_node) {
         Some(s) if s.flags & service_flags::ADDRESS_ONLY == 0 => s,
         _ => {
