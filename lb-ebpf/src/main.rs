@@ -440,6 +440,9 @@ pub fn lb_pod_egress(ctx: TcContext) -> i32 {
 /// first be resolved.
 #[classifier]
 pub fn lb_uplink_ingress(ctx: TcContext) -> i32 {
+    if !fib::notes_pending() {
+        return TC_ACT_OK;
+    }
     match parse(ctx.data(), ctx.data_end()) {
         Ok(flow) => fib::tc_send_pending(&ctx, &flow),
         Err(_) => TC_ACT_OK,

@@ -43,6 +43,9 @@ pub static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNA
 /// the interface the FIB chose.
 #[map]
 pub static NEIGH_PENDING: LruHashMap<FragKey, u32> = LruHashMap::pinned(capacity::NEIGH_PENDING, 0);
+/// The time (clock::now) XDP last noted a packet in NEIGH_PENDING.
+#[map]
+pub static NEIGH_NOTED: Array<u64> = Array::pinned(1, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
