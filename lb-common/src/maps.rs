@@ -13,6 +13,8 @@ pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
 pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
 pub const SNAT: &str = "SNAT";
 pub const NEIGH_PENDING: &str = "NEIGH_PENDING";
+/// When XDP last noted a packet in NEIGH_PENDING.
+pub const NEIGH_NOTED: &str = "NEIGH_NOTED";
 pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 pub const CONFIG: &str = "CONFIG";
 pub const SERVICE_STATS: &str = "SVC_STATS";
@@ -30,7 +32,7 @@ pub const fn array_stride(value_size: usize) -> usize {
 }
 
 /// Every map the programs declare, in the order `lb reset` and layout checks walk them.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -44,6 +46,7 @@ pub const ALL: [&str; 18] = [
     SNAT_CONFIG,
     SNAT,
     NEIGH_PENDING,
+    NEIGH_NOTED,
     CONFIG,
     SERVICE_STATS,
     VERDICT_STATS,

@@ -177,7 +177,10 @@ pub struct CtKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    _pad: [u8; 3],
+    // Two fields rather than `[u8; 3]`: the compiler zeroes an odd-sized array with a call
+    // to memset, which the data path would pay for every conntrack key it builds.
+    _pad0: u8,
+    _pad1: u16,
 }
 
 impl CtKey {
@@ -194,7 +197,8 @@ impl CtKey {
             src_port,
             dst_port,
             proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }

@@ -1,7 +1,6 @@
 //! The shared conntrack map: a forward entry per flow (client tuple -> backend) and a
 //! reply entry (backend tuple -> frontend), with lifetimes from CONFIG.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{ct_kind, proto, tcp_state, Config, CtKey, CtValue, DEFAULT_HAIRPIN_ADDR};
 
 use crate::{
@@ -15,11 +14,6 @@ const NS: u64 = 1_000_000_000;
 /// lifetimes are seconds to hours, so once a second is precise enough.
 const REFRESH_NS: u64 = NS;
 
-#[inline(always)]
-pub fn now() -> u64 {
-    unsafe { bpf_ktime_get_ns() }
-}
-
 /// The service-loopback address hairpinned flows are source-NATed to.
 #[inline(always)]
 pub fn hairpin_addr() -> u32 {
@@ -31,20 +25,24 @@ pub fn hairpin_addr() -> u32 {
 
 #[inline(always)]
 fn lifetime_ns(proto_nr: u8, state: u8) -> u64 {
-    // An agent that has not written CONFIG yet leaves it zeroed: use the defaults.
-    let defaults = Config::default();
-    let c = match CONFIG.get(0) {
-        Some(c) if c.layout_version != 0 => c,
-        _ => &defaults,
+    // An agent that has not written CONFIG yet leaves it zeroed: use the defaults, built
+    // only then (they would otherwise be written to the stack for every packet).
+    let s = match CONFIG.get(0) {
+        Some(c) if c.layout_version != 0 => lifetime_s(c, proto_nr, state),
+        _ => lifetime_s(&Config::default(), proto_nr, state),
     };
-    let s = match (proto_nr, state) {
+    s as u64 * NS
+}
+
+#[inline(always)]
+fn lifetime_s(c: &Config, proto_nr: u8, state: u8) -> u32 {
+    match (proto_nr, state) {
         (proto::TCP, tcp_state::ESTABLISHED) => c.tcp_established_s,
         (proto::TCP, tcp_state::CLOSING) => c.tcp_closing_s,
         (proto::TCP, _) => c.tcp_opening_s,
         (proto::UDP, _) => c.udp_s,
         _ => c.other_s,
-    };
-    s as u64 * NS
+    }
 }
 
 /// An entry older than its lifetime is treated as absent (the LRU map reclaims it later).

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use lb_common::{ct_flags, proto, scope, service_flags, stats::drop_reason, stats::verdict};
 
 use crate::{
-    conntrack, csum, fib,
+    clock, conntrack, csum, fib,
     nat::{End, Rewrite},
     parse::{parse, ptr_at, Flow, ETH_HLEN},
     select::{lookup, Choice},
@@ -143,14 +143,15 @@ pub fn xdp_decap(ctx: &XdpContext, outer: &Flow) -> u32 {
 #[inline(always)]
 fn deliver(ctx: &XdpContext, inner: &Flow, pod: u32, port: u16) -> u32 {
     // The frontend may be another node's NodePort: any destination address matches.
-    let Some(svc) = lookup(inner.dst, inner.dport, inner.proto, scope::EXTERNAL, true)
-        .filter(|s| s.flags & service_flags::ADDRESS_ONLY == 0)
-    else {
+    let frontend = lookup(inner.dst, inner.dport, inner.proto, scope::EXTERNAL, || {
+        true
+    });
+    let Some(svc) = frontend.filter(|s| s.flags & service_flags::ADDRESS_ONLY == 0) else {
         count_drop(drop_reason::DSR_UNKNOWN_FRONTEND);
         return xdp_action::XDP_DROP;
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let now = conntrack::now();
+    let now = clock::now();
     let (addr, port) = match conntrack::forward(inner, svc.id, now) {
         Some(e) => (e.addr, e.port),
         None => {

@@ -5,7 +5,9 @@
 //! and the uplink's TC ingress sends it with `bpf_redirect_neigh`, which resolves it: the
 //! stack itself would drop a frame that arrives carrying the node's own source address.
 //! A map rather than the XDP metadata carries the note, since some kernels refuse
-//! `bpf_xdp_adjust_meta` to XDP programs.
+//! `bpf_xdp_adjust_meta` to XDP programs. Every packet XDP passes up reaches that TC
+//! program, and notes are rare (a next hop's first packets), so XDP also records when it
+//! last wrote one and TC looks for notes only for a while after that.
 
 use core::mem::size_of;
 
@@ -19,8 +21,8 @@ use aya_ebpf::{
 use lb_common::{stats::drop_reason, FragKey};
 
 use crate::{
-    csum,
-    maps::NEIGH_PENDING,
+    clock, csum,
+    maps::{NEIGH_NOTED, NEIGH_PENDING},
     parse::{ptr_at, Flow},
     stats::count_drop,
 };
@@ -28,6 +30,10 @@ use crate::{
 const AF_INET: u8 = 2;
 /// `BPF_FIB_LKUP_RET_FRAG_NEEDED` (uapi/linux/bpf.h), which the BPF-target bindings lack.
 const FIB_FRAG_NEEDED: u32 = 8;
+/// How long after XDP's last note TC still looks for notes. A noted packet reaches TC
+/// ingress in the same softirq, or from a backlog queue shortly after; this leaves a wide
+/// margin for that and for the per-CPU clock readings being a tick apart.
+const NOTE_WINDOW_NS: u64 = 1_000_000_000;
 /// Decrements the TTL with an incremental checksum update; None when it has run out.
 #[inline(always)]
 fn decrement_ttl(data: usize, data_end: usize, l3: usize) -> Option<()> {
@@ -135,7 +141,19 @@ fn pass_to_tc(ctx: &XdpContext, flow: &Flow, ifindex: u32) -> u32 {
         count_drop(drop_reason::NO_ROUTE);
         return xdp_action::XDP_DROP;
     }
+    if let Some(t) = NEIGH_NOTED.get_ptr_mut(0) {
+        unsafe { *t = clock::now() };
+    }
     xdp_action::XDP_PASS
+}
+
+/// Has XDP noted a packet in NEIGH_PENDING recently enough for it to be on its way to TC?
+#[inline(always)]
+pub fn notes_pending() -> bool {
+    match NEIGH_NOTED.get(0) {
+        Some(&t) => t != 0 && clock::now().saturating_sub(t) <= NOTE_WINDOW_NS,
+        None => true,
+    }
 }
 
 /// TC ingress on an uplink: sends on the packets XDP passed up, resolving the next hop.

@@ -14,7 +14,7 @@
 use lb_common::{ct_kind, proto, CtKey};
 
 use crate::{
-    conntrack, csum,
+    clock, conntrack, csum,
     parse::{ptr_at, Flow},
 };
 
@@ -69,7 +69,7 @@ pub fn translate(data: usize, data_end: usize, flow: &Flow, kind: u8) -> Option<
     let dport = u16::from_ne_bytes([l4[2], l4[3]]);
     // The quoted packet travelled the other way: its reversed tuple is the entry's key.
     let key = CtKey::new(dst, src, dport, sport, inner_proto);
-    let ct = conntrack::quoted(&key, kind, conntrack::now())?;
+    let ct = conntrack::quoted(&key, kind, clock::now())?;
     // Errors about flows translated at both ends are left to the endpoints' timeouts.
     if ct.flags != 0 {
         return None;

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod affinity;
+mod clock;
 mod conntrack;
 mod csum;
 mod dsr;
@@ -186,7 +187,7 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
 /// destination) and the packet goes straight back to the pod.
 #[inline(always)]
 fn hairpin_reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
-    match conntrack::reply(flow, (flow.src, flow.dport), conntrack::now()) {
+    match conntrack::reply(flow, (flow.src, flow.dport), clock::now()) {
         Some((addr, port, service, flags)) if flags & ct_flags::HAIRPIN != 0 => {
             let ok = ctx.rewrite(flow, End::Src, addr, port).is_ok()
                 && ctx.rewrite(flow, End::Dst, flow.src, flow.dport).is_ok();
@@ -210,7 +211,7 @@ fn hairpin_reply<C: Rewrite>(ctx: &C, flow: &Flow, bytes: u64) -> Outcome {
 #[inline(always)]
 fn snat_reply<C: Rewrite>(ctx: &C, flow: &Flow, t: &SnatValue, bytes: u64) -> Outcome {
     let client = (t.client_addr, t.client_port);
-    let Some((addr, port, service, _)) = conntrack::reply(flow, client, conntrack::now()) else {
+    let Some((addr, port, service, _)) = conntrack::reply(flow, client, clock::now()) else {
         return Outcome::Pass;
     };
     let ok = ctx.rewrite(flow, End::Src, addr, port).is_ok()
@@ -240,7 +241,7 @@ fn reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Outcome {
     if !translates(flow) {
         return Outcome::Pass;
     }
-    match conntrack::reply(flow, (flow.dst, flow.dport), conntrack::now()) {
+    match conntrack::reply(flow, (flow.dst, flow.dport), clock::now()) {
         Some((addr, port, service, flags)) => {
             if ctx.rewrite(flow, End::Src, addr, port).is_err() {
                 count_drop(drop_reason::REWRITE_FAILED);
@@ -439,6 +440,9 @@ pub fn lb_pod_egress(ctx: TcContext) -> i32 {
 /// first be resolved.
 #[classifier]
 pub fn lb_uplink_ingress(ctx: TcContext) -> i32 {
+    if !fib::notes_pending() {
+        return TC_ACT_OK;
+    }
     match parse(ctx.data(), ctx.data_end()) {
         Ok(flow) => fib::tc_send_pending(&ctx, &flow),
         Err(_) => TC_ACT_OK,

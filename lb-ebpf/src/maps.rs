@@ -1,5 +1,5 @@
 //! The maps, named and sized as lb-common says, pinned by name so that they outlive the
-//! agent and are found again by the next one.
+//! agent and are found again by the next one (all but the programs' own scratch state).
 
 use aya_ebpf::{
     macros::map,
@@ -10,6 +10,8 @@ use lb_common::{
     FragKey, FragValue, ServiceKey, ServiceValue, SnatConfig, SnatValue, SockConfig, SockRevKey,
     SockRevValue, SourceRangeKey,
 };
+
+use crate::clock;
 
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
@@ -42,6 +44,9 @@ pub static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNA
 /// the interface the FIB chose.
 #[map]
 pub static NEIGH_PENDING: LruHashMap<FragKey, u32> = LruHashMap::pinned(capacity::NEIGH_PENDING, 0);
+/// The time (clock::now) XDP last noted a packet in NEIGH_PENDING.
+#[map]
+pub static NEIGH_NOTED: Array<u64> = Array::pinned(1, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
@@ -53,3 +58,7 @@ pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::drop_reason
 /// Dropped packets per service id (the reasons are counted in DROP_STATS).
 #[map]
 pub static SVC_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::SERVICE_STATS, 0);
+/// Each CPU's last clock reading (see clock). Scratch state of the programs: not pinned,
+/// a new one per load.
+#[map]
+pub static CLOCK: PerCpuArray<clock::Reading> = PerCpuArray::with_max_entries(1, 0);

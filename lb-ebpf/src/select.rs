@@ -11,24 +11,27 @@ use crate::{
 /// the NodePort wildcard when the destination is one of this node's addresses.
 #[inline(always)]
 pub fn frontend(flow: &Flow, scope_nr: u8) -> Option<ServiceValue> {
-    let on_node = is_node_address(flow.dst);
-    lookup(flow.dst, flow.dport, flow.proto, scope_nr, on_node)
+    lookup(flow.dst, flow.dport, flow.proto, scope_nr, || {
+        is_node_address(flow.dst)
+    })
 }
 
-/// The frontend entry for `dst:dport`; `on_node` says whether NodePorts apply there.
+/// The frontend entry for `dst:dport`; `on_node` says whether NodePorts apply there. It is
+/// asked only when no frontend has the exact address, so that packets to a ClusterIP, LB IP
+/// or externalIP are spared its lookup.
 #[inline(always)]
 pub fn lookup(
     dst: u32,
     dport: u16,
     proto_nr: u8,
     scope_nr: u8,
-    on_node: bool,
+    on_node: impl FnOnce() -> bool,
 ) -> Option<ServiceValue> {
     let key = ServiceKey::new(dst, dport, proto_nr, scope_nr);
     if let Some(v) = unsafe { SERVICES.get(&key) } {
         return Some(*v);
     }
-    if on_node {
+    if on_node() {
         let key = ServiceKey::new(0, dport, proto_nr, scope_nr);
         if let Some(v) = unsafe { SERVICES.get(&key) } {
             return Some(*v);

@@ -5,7 +5,7 @@
 use lb_common::{ct_flags, scope, service_flags, stats::drop_reason};
 
 use crate::{
-    affinity, conntrack,
+    affinity, clock, conntrack,
     parse::Flow,
     select::{frontend, known_cluster_ip, select},
     snat, source_range,
@@ -65,7 +65,7 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
             reason: drop_reason::SOURCE_RANGE,
         };
     }
-    let now = conntrack::now();
+    let now = clock::now();
     if let Some(e) = conntrack::forward(flow, svc.id, now) {
         let (snat, route) = translation(flow, e.flags, e.snat_port);
         return Forward::Dnat {

@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    affinity, conntrack,
+    affinity, clock,
     maps::{SOCK_CONFIG, SOCK_REVNAT},
     select::{client_hash, fmix, is_node_address, known_cluster_ip, lookup, select_by_hash},
     source_range,
@@ -75,7 +75,7 @@ fn decide(dst: u32, dport: u16, proto_nr: u8, cookie: u64, cfg: &SockConfig) -> 
     if proto_nr != proto::TCP && proto_nr != proto::UDP {
         return Decision::Pass;
     }
-    let on_node = is_loopback(dst) || is_node_address(dst);
+    let on_node = || is_loopback(dst) || is_node_address(dst);
     let svc = match lookup(dst, dport, proto_nr, scope::INTERNAL, on_node) {
         Some(s) if s.flags & service_flags::ADDRESS_ONLY == 0 => s,
         _ => {
@@ -92,7 +92,7 @@ fn decide(dst: u32, dport: u16, proto_nr: u8, cookie: u64, cfg: &SockConfig) -> 
     if svc.backend_count == 0 {
         return Decision::Reject;
     }
-    let now = conntrack::now();
+    let now = clock::now();
     let affine = svc.flags & service_flags::AFFINITY != 0;
     let bound = if affine {
         affinity::lookup(client, &svc, now)
