@@ -188,9 +188,9 @@ impl MapStore for AyaMaps {
         let Some(c) = &mut self.counters else {
             return Err(MapError::Other("service counters not opened".into()));
         };
-        per_cpu_batch::zero(&c.stats, ids)
+        per_cpu_batch::zero(&mut c.stats, ids)
             .map_err(|e| MapError::Other(format!("{}: {e}", maps::SERVICE_STATS)))?;
-        per_cpu_batch::zero(&c.drops, ids)
+        per_cpu_batch::zero(&mut c.drops, ids)
             .map_err(|e| MapError::Other(format!("{}: {e}", maps::SERVICE_DROPS)))
     }
 }

@@ -1,12 +1,15 @@
-//! Zeroing the per-CPU counters of many ids in one BPF_MAP_UPDATE_BATCH (Linux 5.6),
-//! which aya 0.14 does not wrap: a first sync hands out tens of thousands of service ids,
-//! and one update per id and map was a syscall each.
+//! Zeroing the per-CPU counters of many ids in one BPF_MAP_UPDATE_BATCH, which aya 0.14
+//! does not wrap: a first sync hands out tens of thousands of service ids, and one update
+//! per id and map is a syscall each. Kernels whose per-CPU arrays have no batch operations
+//! (5.10 among them) get the updates one by one.
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use aya::maps::{IterableMap, MapData, PerCpuArray};
+use aya::maps::{IterableMap, MapData, PerCpuArray, PerCpuValues};
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// The kernel's ENOTSUPP: the map type has no batch operations.
+const ENOTSUPP: i32 = 524;
 
 /// The batch part of `union bpf_attr`.
 #[repr(C)]
@@ -23,10 +26,33 @@ struct BatchAttr {
 }
 
 /// Writes zero counters for `ids` on every CPU.
-pub fn zero<V: aya::Pod>(map: &PerCpuArray<MapData, V>, ids: &[u32]) -> std::io::Result<()> {
+pub fn zero<V: aya::Pod + Default>(
+    map: &mut PerCpuArray<MapData, V>,
+    ids: &[u32],
+) -> std::io::Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
+    match zero_batch(map, ids) {
+        // EINVAL: a kernel without the command at all.
+        Err(e) if matches!(e.raw_os_error(), Some(ENOTSUPP | libc::EINVAL)) => zero_each(map, ids),
+        r => r,
+    }
+}
+
+fn zero_each<V: aya::Pod + Default>(
+    map: &mut PerCpuArray<MapData, V>,
+    ids: &[u32],
+) -> std::io::Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    for id in ids {
+        let zeros = PerCpuValues::try_from(vec![V::default(); cpus])?;
+        map.set(*id, zeros, 0).map_err(std::io::Error::other)?;
+    }
+    Ok(())
+}
+
+fn zero_batch<V: aya::Pod>(map: &PerCpuArray<MapData, V>, ids: &[u32]) -> std::io::Result<()> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     let stride = std::mem::size_of::<V>().div_ceil(8) * 8;
     let values = vec![0u8; ids.len() * cpus * stride];
