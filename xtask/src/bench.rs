@@ -438,7 +438,9 @@ fn memory(
     let mib = |b: f64| b / f64::from(1 << 20);
     let mut md = String::from(
         "## Memory\n\nBPF map memory as the kernel charges it (memlock), and the agent's \
-         resident memory after its first sync from the manifest, median over the trials.\n\n\
+         resident memory (VmRSS) after its first sync from the manifest, median over the \
+         trials. The agent maps MAGLEV (128 MiB) into its address space to write tables, so \
+         its resident memory includes that map too.\n\n\
          | services | BPF maps | agent RSS |\n|---:|---:|---:|\n",
     );
     let sizes: std::collections::BTreeSet<usize> =
