@@ -102,6 +102,31 @@ impl Options {
     }
 }
 
+/// A figure of each kube-proxy-style arm; None where the arm was left out.
+#[derive(serde::Serialize)]
+struct Netfilters<T> {
+    iptables: Option<T>,
+    nft: Option<T>,
+}
+
+impl<T> Default for Netfilters<T> {
+    fn default() -> Self {
+        Self {
+            iptables: None,
+            nft: None,
+        }
+    }
+}
+
+impl<T> Netfilters<T> {
+    fn arm(&mut self, arm: Netfilter) -> &mut Option<T> {
+        match arm {
+            Netfilter::Iptables => &mut self.iptables,
+            Netfilter::Nft => &mut self.nft,
+        }
+    }
+}
+
 /// One trial's control-plane figures at one size.
 #[derive(Default, serde::Serialize)]
 struct ControlPlane {
@@ -109,17 +134,8 @@ struct ControlPlane {
     lb_program: Duration,
     lb_change: Duration,
     lb_map_bytes: u64,
-    iptables: Option<control_plane::NetfilterTimes>,
-    nft: Option<control_plane::NetfilterTimes>,
-}
-
-impl ControlPlane {
-    fn arm(&mut self, arm: Netfilter) -> &mut Option<control_plane::NetfilterTimes> {
-        match arm {
-            Netfilter::Iptables => &mut self.iptables,
-            Netfilter::Nft => &mut self.nft,
-        }
-    }
+    #[serde(flatten)]
+    netfilter: Netfilters<control_plane::NetfilterTimes>,
 }
 
 /// One trial's traffic figures at one size, and the agent's memory in that run.
@@ -127,17 +143,8 @@ impl ControlPlane {
 struct TrafficTrial {
     lb: traffic::Traffic,
     lb_agent_rss: u64,
-    iptables: Option<traffic::Traffic>,
-    nft: Option<traffic::Traffic>,
-}
-
-impl TrafficTrial {
-    fn arm(&mut self, arm: Netfilter) -> &mut Option<traffic::Traffic> {
-        match arm {
-            Netfilter::Iptables => &mut self.iptables,
-            Netfilter::Nft => &mut self.nft,
-        }
-    }
+    #[serde(flatten)]
+    netfilter: Netfilters<traffic::Traffic>,
 }
 
 /// The agent's figures come from its code running inside this process, so they are taken
@@ -183,13 +190,15 @@ fn run(object: &Path, opts: &Options) -> Result<()> {
                             .push(m);
                     }
                 }
-                cp = Some(ControlPlane {
-                    lb_parse,
-                    lb_program,
-                    lb_change: control_plane::agent_change(&mut syncer, &mut state, n)?,
-                    lb_map_bytes: control_plane::map_memory(&loaded.pins)?,
-                    ..Default::default()
-                });
+                if opts.wants(Figure::ControlPlane) {
+                    cp = Some(ControlPlane {
+                        lb_parse,
+                        lb_program,
+                        lb_change: control_plane::agent_change(&mut syncer, &mut state, n)?,
+                        lb_map_bytes: control_plane::map_memory(&loaded.pins)?,
+                        ..Default::default()
+                    });
+                }
             }
             let mut tr = None;
             if opts.wants(Figure::Traffic) {
@@ -198,24 +207,25 @@ fn run(object: &Path, opts: &Options) -> Result<()> {
                 tr = Some(TrafficTrial {
                     lb: topology.measure().context("lb")?,
                     lb_agent_rss,
-                    iptables: None,
-                    nft: None,
+                    netfilter: Netfilters::default(),
                 });
             }
+            // The netfilter arms only feed the control-plane and traffic figures.
+            let netfilter_wanted = cp.is_some() || tr.is_some();
             for arm in [Netfilter::Iptables, Netfilter::Nft] {
-                if !opts.runs(arm, n) {
+                if !netfilter_wanted || !opts.runs(arm, n) {
                     continue;
                 }
                 let (times, figures) = netfilter_arm(arm, &lb, n, opts.wants(Figure::Traffic))
                     .with_context(|| format!("{arm:?}"))?;
                 if let Some(cp) = &mut cp {
-                    *cp.arm(arm) = Some(times);
+                    *cp.netfilter.arm(arm) = Some(times);
                 }
                 if let (Some(tr), Some(f)) = (&mut tr, figures) {
-                    *tr.arm(arm) = Some(f);
+                    *tr.netfilter.arm(arm) = Some(f);
                 }
             }
-            if let Some(cp) = cp.filter(|_| opts.wants(Figure::ControlPlane)) {
+            if let Some(cp) = cp {
                 control.entry(n).or_default().push(cp);
             }
             if let Some(tr) = tr {
@@ -316,10 +326,10 @@ fn write_control_plane(dir: &Path, control: &BTreeMap<usize, Vec<ControlPlane>>)
     let mut json = serde_json::Map::new();
     for (n, trials) in control {
         fn ipt(c: &ControlPlane) -> Option<&control_plane::NetfilterTimes> {
-            c.iptables.as_ref()
+            c.netfilter.iptables.as_ref()
         }
         fn nft(c: &ControlPlane) -> Option<&control_plane::NetfilterTimes> {
-            c.nft.as_ref()
+            c.netfilter.nft.as_ref()
         }
         let col = |f: &dyn Fn(&ControlPlane) -> Option<f64>| cell(trials, f, 2);
         let cells = [
@@ -380,8 +390,8 @@ fn write_traffic(dir: &Path, traffic: &BTreeMap<usize, Vec<TrafficTrial>>) -> Re
                 .map(|t| {
                     [
                         Some(pick(&t.lb)),
-                        t.iptables.as_ref().map(pick),
-                        t.nft.as_ref().map(pick),
+                        t.netfilter.iptables.as_ref().map(pick),
+                        t.netfilter.nft.as_ref().map(pick),
                     ]
                 })
                 .collect();

@@ -73,15 +73,12 @@ impl Topology {
         for pod in &cluster.pods[..2] {
             serve(pod)?;
         }
-        // Many short connections: the client reuses ports whose TIME_WAIT is older than a
+        // Many short connections: the clients reuse ports whose TIME_WAIT is older than a
         // second, from the whole port range.
-        cluster.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        cluster
-            .client
-            .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-        let client_pod = &cluster.pods[2].ns;
-        client_pod.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        client_pod.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        for client in [&cluster.client, &cluster.pods[2].ns] {
+            client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+            client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        }
         Ok(Self {
             node_port: SocketAddr::from((NODE_IP, workload::measured_node_port(n))),
             cluster_ip: SocketAddr::from((measured.cluster_ip, SERVICE_PORT)),
