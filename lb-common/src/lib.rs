@@ -11,6 +11,7 @@
 
 pub mod addr;
 pub mod capacity;
+pub mod filter;
 pub mod maps;
 pub mod stats;
 pub mod types;

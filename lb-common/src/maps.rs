@@ -22,6 +22,11 @@ pub const VERDICT_STATS: &str = "VERDICT_STATS";
 pub const DROP_STATS: &str = "DROP_STATS";
 /// Packets of each service dropped by the programs, indexed by service id.
 pub const SERVICE_DROPS: &str = "SVC_DROPS";
+/// The bitmap of (address, port, protocol) slots no frontend falls on (see `filter`).
+pub const FRONTEND_FILTER: &str = "FRONT_FILTER";
+/// A generation per service id, changed whenever one of its frontends goes or changes, so
+/// that conntrack entries made under the old frontends are confirmed again.
+pub const SERVICE_GENERATIONS: &str = "SVC_GEN";
 
 /// `BPF_F_MMAPABLE` (Linux 5.5): the agent writes Maglev tables through a shared mapping
 /// of MAGLEV instead of one syscall per slot.
@@ -32,7 +37,7 @@ pub const fn array_stride(value_size: usize) -> usize {
 }
 
 /// Every map the programs declare, in the order `lb reset` and layout checks walk them.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 21] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -52,4 +57,6 @@ pub const ALL: [&str; 19] = [
     VERDICT_STATS,
     DROP_STATS,
     SERVICE_DROPS,
+    FRONTEND_FILTER,
+    SERVICE_GENERATIONS,
 ];

@@ -222,6 +222,12 @@ pub mod ct_flags {
     /// A direct-server-return flow: on the node that chose the backend, tunnelled to it;
     /// on the backend's node, its answers leave with the frontend as their source.
     pub const DSR: u8 = 1 << 2;
+    /// Made through a frontend with loadBalancerSourceRanges: every packet's source is
+    /// checked against the service port's ranges, also on the path that skips the frontend.
+    pub const SOURCE_RANGES: u8 = 1 << 3;
+    /// Made by a pod's packet (TC): only packets from pods take the path that skips the
+    /// frontend, so that one from outside with the same tuple meets its scope's frontends.
+    pub const INTERNAL: u8 = 1 << 4;
 }
 
 /// TCP state tracked per flow, which chooses the entry's lifetime.
@@ -248,6 +254,10 @@ pub struct CtValue {
     pub nat_port: u16,
     /// The source port a SNAT flow was given (wire order), with [`ct_flags::SNAT`].
     pub snat_port: u16,
+    /// The service port's generation (SVC_GEN) when the entry was made or last confirmed
+    /// against its frontend. It fills what was padding before `last_seen_ns`, so entries of
+    /// earlier programs read with some other value and are confirmed once.
+    pub generation: u32,
     /// `bpf_ktime_get_ns` of the last packet; an entry older than its lifetime is ignored.
     pub last_seen_ns: u64,
 }
@@ -273,6 +283,7 @@ impl CtValue {
             nat_addr,
             nat_port,
             snat_port: 0,
+            generation: 0,
             last_seen_ns,
         }
     }

@@ -1,12 +1,16 @@
 //! The shared conntrack map: a forward entry per flow (client tuple -> backend) and a
 //! reply entry (backend tuple -> frontend), with lifetimes from CONFIG.
 
-use lb_common::{ct_kind, proto, tcp_state, Config, CtKey, CtValue, DEFAULT_HAIRPIN_ADDR};
+use lb_common::{
+    ct_flags, ct_kind, proto, scope, service_flags, tcp_state, Config, CtKey, CtValue,
+    ServiceValue, DEFAULT_HAIRPIN_ADDR,
+};
 
 use crate::{
-    maps::{BACKENDS, CONFIG, CONNTRACK},
+    maps::{BACKENDS, CONFIG, CONNTRACK, SVC_GEN},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     select::Choice,
+    source_range,
 };
 
 const NS: u64 = 1_000_000_000;
@@ -81,6 +85,7 @@ fn key_of(flow: &Flow) -> CtKey {
 
 /// An existing flow's translation.
 pub struct Existing {
+    pub service: u32,
     pub addr: u32,
     pub port: u16,
     /// `ct_flags`.
@@ -88,16 +93,84 @@ pub struct Existing {
     pub snat_port: u16,
 }
 
-/// The backend of an existing flow of service `service_id`, refreshing its entries.
+/// A flow's forward entry, if it has one. Looked up before the frontend, so that an
+/// established flow needs no other lookup.
 #[inline(always)]
-pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<Existing> {
-    let ct = CONNTRACK.get_ptr_mut(&key_of(flow))?;
+pub fn entry(flow: &Flow) -> Option<*mut CtValue> {
+    CONNTRACK.get_ptr_mut(&key_of(flow))
+}
+
+/// Service id `id`'s generation, as the agent last set it.
+#[inline(always)]
+pub fn generation(id: u32) -> u32 {
+    SVC_GEN.get(id).copied().unwrap_or(0)
+}
+
+/// An established flow's translation from its entry alone: good while the service port's
+/// generation is the entry's, since the agent changes it whenever one of the service
+/// port's frontends goes or changes. None sends the packet to its frontend, which decides.
+#[inline(always)]
+pub fn established(flow: &Flow, ct: *mut CtValue, scope_nr: u8, now: u64) -> Option<Existing> {
     let ct = unsafe { &mut *ct };
+    let internal = ct.flags & ct_flags::INTERNAL != 0;
     if ct.kind != ct_kind::FORWARD
-        || ct.service_id != service_id
-        || !live(ct, flow.proto, now)
-        || !backend_still_valid(flow, ct)
+        || internal != (scope_nr == scope::INTERNAL)
+        || ct.generation != generation(ct.service_id)
     {
+        return None;
+    }
+    if ct.flags & ct_flags::SOURCE_RANGES != 0 && !source_range::allowed(ct.service_id, flow.src) {
+        return None;
+    }
+    proceed(flow, ct, now)
+}
+
+/// The backend of an existing flow of `svc`, found through its frontend. The entry is
+/// confirmed under the current generation, with the frontend's source-range check, so
+/// that the flow's next packets take the short way again.
+#[inline(always)]
+pub fn confirm(flow: &Flow, ct: *mut CtValue, svc: &ServiceValue, now: u64) -> Option<Existing> {
+    let ct = unsafe { &mut *ct };
+    if ct.kind != ct_kind::FORWARD || ct.service_id != svc.id {
+        return None;
+    }
+    let existing = proceed(flow, ct, now)?;
+    let generation = generation(svc.id);
+    let flags = with_source_ranges(ct.flags, svc);
+    if ct.generation != generation || ct.flags != flags {
+        ct.generation = generation;
+        ct.flags = flags;
+    }
+    Some(existing)
+}
+
+/// A new entry's flags: the translation's, with the frontend's source-range check and the
+/// scope it was made in.
+#[inline(always)]
+pub fn new_flags(translation: u8, svc: &ServiceValue, scope_nr: u8) -> u8 {
+    let flags = with_source_ranges(translation, svc);
+    if scope_nr == scope::INTERNAL {
+        flags | ct_flags::INTERNAL
+    } else {
+        flags
+    }
+}
+
+/// `flags` with SOURCE_RANGES as the frontend `svc` asks.
+#[inline(always)]
+fn with_source_ranges(flags: u8, svc: &ServiceValue) -> u8 {
+    if svc.flags & service_flags::SOURCE_RANGES != 0 {
+        flags | ct_flags::SOURCE_RANGES
+    } else {
+        flags & !ct_flags::SOURCE_RANGES
+    }
+}
+
+/// The flow's packet goes on with its entry's backend, if the entry is still good for
+/// it; its state and time are brought up to date.
+#[inline(always)]
+fn proceed(flow: &Flow, ct: &mut CtValue, now: u64) -> Option<Existing> {
+    if !live(ct, flow.proto, now) || !backend_still_valid(flow, ct) {
         return None;
     }
     // A fresh SYN on a closed flow's tuple is a new connection: choose again.
@@ -109,7 +182,7 @@ pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<Existing> {
     // A tunnelled flow's answers never pass this node: the client's first ACK is the sign
     // that the handshake completed.
     let acked = flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK;
-    if ct.flags & lb_common::ct_flags::DSR != 0 && state == tcp_state::OPENING && acked {
+    if ct.flags & ct_flags::DSR != 0 && state == tcp_state::OPENING && acked {
         state = tcp_state::ESTABLISHED;
     }
     if state != ct.tcp_state || now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
@@ -118,6 +191,7 @@ pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<Existing> {
         refresh_reply(flow, ct, now);
     }
     Some(Existing {
+        service: ct.service_id,
         addr: ct.nat_addr,
         port: ct.nat_port,
         flags: ct.flags,
@@ -129,9 +203,9 @@ pub fn forward(flow: &Flow, service_id: u32, now: u64) -> Option<Existing> {
 /// service-loopback address for a hairpinned flow, the node's for a SNAT one.
 #[inline(always)]
 fn seen_src(flow: &Flow, flags: u8, snat_port: u16) -> (u32, u16) {
-    if flags & lb_common::ct_flags::HAIRPIN != 0 {
+    if flags & ct_flags::HAIRPIN != 0 {
         (hairpin_addr(), flow.sport)
-    } else if flags & lb_common::ct_flags::SNAT != 0 {
+    } else if flags & ct_flags::SNAT != 0 {
         (crate::snat::addr(), snat_port)
     } else {
         (flow.src, flow.sport)
@@ -179,6 +253,7 @@ pub fn create(flow: &Flow, service_id: u32, backend: &Choice, flags: u8, snat_po
     rev.flags = flags;
     fwd.snat_port = snat_port;
     rev.snat_port = snat_port;
+    fwd.generation = generation(service_id);
     let (src, sport) = seen_src(flow, flags, snat_port);
     let rev_key = CtKey::new(backend.addr, src, backend.port, sport, flow.proto);
     // An LRU map evicts instead of failing; a failed insert only loses this flow's state.

@@ -152,7 +152,8 @@ fn deliver(ctx: &XdpContext, inner: &Flow, pod: u32, port: u16) -> u32 {
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let now = clock::now();
-    let (addr, port) = match conntrack::forward(inner, svc.id, now) {
+    let existing = conntrack::entry(inner).and_then(|ct| conntrack::confirm(inner, ct, &svc, now));
+    let (addr, port) = match existing {
         Some(e) => (e.addr, e.port),
         None => {
             let target = Choice {

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    capacity, stats, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
-    FragKey, FragValue, ServiceKey, ServiceValue, SnatConfig, SnatValue, SockConfig, SockRevKey,
-    SockRevValue, SourceRangeKey,
+    capacity, filter, stats, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey,
+    CtValue, FragKey, FragValue, ServiceKey, ServiceValue, SnatConfig, SnatValue, SockConfig,
+    SockRevKey, SockRevValue, SourceRangeKey,
 };
 
 use crate::clock;
@@ -49,6 +49,12 @@ pub static NEIGH_PENDING: LruHashMap<FragKey, u32> = LruHashMap::pinned(capacity
 pub static NEIGH_NOTED: Array<u64> = Array::pinned(1, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+/// Mappable, like MAGLEV: the agent sets and clears bits with plain stores.
+#[map]
+pub static FRONT_FILTER: Array<u64> = Array::pinned(filter::WORDS, lb_common::maps::MMAPABLE);
+/// Each service id's generation (see lb-common's `maps::SERVICE_GENERATIONS`); mappable.
+#[map]
+pub static SVC_GEN: Array<u32> = Array::pinned(capacity::SERVICE_STATS, lb_common::maps::MMAPABLE);
 #[map]
 pub static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::SERVICE_STATS, 0);
 #[map]

@@ -1,11 +1,24 @@
 //! Frontend lookup and the Maglev choice of a backend.
 
-use lb_common::{capacity, scope, service_flags, stats::drop_reason, ServiceKey, ServiceValue};
+use lb_common::{
+    capacity, filter, scope, service_flags, stats::drop_reason, ServiceKey, ServiceValue,
+};
 
 use crate::{
-    maps::{BACKENDS, MAGLEV, NODE_ADDRS, SERVICES},
+    maps::{BACKENDS, FRONT_FILTER, MAGLEV, NODE_ADDRS, SERVICES},
     parse::Flow,
 };
+
+/// False when the agent has said that no frontend is `addr:port` (see lb-common's
+/// `filter`): the packet needs no lookup at all.
+#[inline(always)]
+pub fn maybe_frontend(addr: u32, port: u16, proto_nr: u8) -> bool {
+    let (word, bit) = filter::position(filter::slot(addr, port, proto_nr));
+    match FRONT_FILTER.get(word) {
+        Some(w) => *w & bit == 0,
+        None => true,
+    }
+}
 
 /// The frontend entry for a packet's destination, trying the exact address first and then
 /// the NodePort wildcard when the destination is one of this node's addresses.

@@ -7,7 +7,7 @@ use lb_common::{ct_flags, scope, service_flags, stats::drop_reason};
 use crate::{
     affinity, clock, conntrack,
     parse::Flow,
-    select::{frontend, known_cluster_ip, select},
+    select::{frontend, known_cluster_ip, maybe_frontend, select},
     snat, source_range,
 };
 
@@ -47,15 +47,19 @@ pub enum Forward {
 /// Decides the fate of a TCP or UDP packet that may be addressed to a service.
 #[inline(always)]
 pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
+    if !maybe_frontend(flow.dst, flow.dport, flow.proto) {
+        return not_a_frontend(flow, scope_nr);
+    }
+    let now = clock::now();
+    let ct = conntrack::entry(flow);
+    if let Some(ct) = ct {
+        if let Some(e) = conntrack::established(flow, ct, scope_nr, now) {
+            return existing(flow, &e);
+        }
+    }
     let svc = match frontend(flow, scope_nr) {
         Some(s) if s.flags & service_flags::ADDRESS_ONLY == 0 => s,
-        _ => {
-            // A ClusterIP's undeclared port is refused, as kube-proxy does.
-            if scope_nr == scope::INTERNAL && known_cluster_ip(flow.dst) {
-                return Forward::Reject { service: 0 };
-            }
-            return Forward::Pass;
-        }
+        _ => return not_a_frontend(flow, scope_nr),
     };
     // Every packet, not only new flows: a range removed cuts its established flows, as
     // a firewall does.
@@ -65,16 +69,10 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
             reason: drop_reason::SOURCE_RANGE,
         };
     }
-    let now = clock::now();
-    if let Some(e) = conntrack::forward(flow, svc.id, now) {
-        let (snat, route) = translation(flow, e.flags, e.snat_port);
-        return Forward::Dnat {
-            addr: e.addr,
-            port: e.port,
-            service: svc.id,
-            snat,
-            route,
-        };
+    if let Some(ct) = ct {
+        if let Some(e) = conntrack::confirm(flow, ct, &svc, now) {
+            return existing(flow, &e);
+        }
     }
     if svc.backend_count == 0 {
         if svc.flags & service_flags::LOCAL_POLICY != 0 {
@@ -128,12 +126,36 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
     } else {
         (0, 0)
     };
-    conntrack::create(flow, svc.id, &backend, flags, snat_port, now);
+    let ct_flags = conntrack::new_flags(flags, &svc, scope_nr);
+    conntrack::create(flow, svc.id, &backend, ct_flags, snat_port, now);
     let (snat, route) = translation(flow, flags, snat_port);
     Forward::Dnat {
         addr: backend.addr,
         port: backend.port,
         service: svc.id,
+        snat,
+        route,
+    }
+}
+
+/// A packet to no frontend passes, but for a ClusterIP's undeclared port, which is refused
+/// as kube-proxy does.
+#[inline(always)]
+fn not_a_frontend(flow: &Flow, scope_nr: u8) -> Forward {
+    if scope_nr == scope::INTERNAL && maybe_frontend(flow.dst, 0, 0) && known_cluster_ip(flow.dst) {
+        return Forward::Reject { service: 0 };
+    }
+    Forward::Pass
+}
+
+/// The translation of an existing flow.
+#[inline(always)]
+fn existing(flow: &Flow, e: &conntrack::Existing) -> Forward {
+    let (snat, route) = translation(flow, e.flags, e.snat_port);
+    Forward::Dnat {
+        addr: e.addr,
+        port: e.port,
+        service: e.service,
         snat,
         route,
     }

@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    addr, backend_state, capacity, ct_kind, kind, maps, proto, scope, service_flags,
+    addr, backend_state, capacity, ct_kind, filter, kind, maps, proto, scope, service_flags,
     stats::{drop_reason, verdict},
     tcp_state, BackendValue, Counter, CtKey, CtValue, ServiceKey, ServiceValue,
 };
@@ -356,6 +356,10 @@ impl Drop for PinDir {
 struct Datapath {
     ebpf: Ebpf,
     pins: PinDir,
+    /// The frontend tuples (address, port, protocol) let through the filter, as the agent
+    /// lets them: NodePorts on every node address.
+    frontends: Vec<(u32, u16, u8)>,
+    node_addrs: Vec<u32>,
 }
 
 struct Backend {
@@ -398,7 +402,75 @@ impl Datapath {
             let p: &mut SchedClassifier = ebpf.program_mut(name).expect(name).try_into().unwrap();
             p.load().unwrap_or_else(|e| panic!("load {name}: {e:?}"));
         }
-        Self { ebpf, pins }
+        let mut dp = Self {
+            ebpf,
+            pins,
+            frontends: Vec::new(),
+            node_addrs: Vec::new(),
+        };
+        // As the agent starts: every slot marked free of frontends.
+        for i in 0..filter::WORDS {
+            dp.filter().set(i, u64::MAX, 0).unwrap();
+        }
+        dp
+    }
+
+    fn filter(&mut self) -> Array<&mut MapData, u64> {
+        Array::try_from(self.ebpf.map_mut(maps::FRONTEND_FILTER).unwrap()).unwrap()
+    }
+
+    /// Marks a tuple's slot in the filter: free of frontends or not.
+    fn mark(&mut self, (a, port, proto_nr): (u32, u16, u8), free: bool) {
+        let (index, bit) = filter::position(filter::slot(a, port, proto_nr));
+        let mut words = self.filter();
+        let w = words.get(&index, 0).unwrap();
+        words
+            .set(index, if free { w | bit } else { w & !bit }, 0)
+            .unwrap();
+    }
+
+    /// The tuples a frontend key lets through the filter.
+    fn tuples(&self, key: &ServiceKey) -> Vec<(u32, u16, u8)> {
+        if key.addr != 0 {
+            return vec![(key.addr, key.port, key.proto)];
+        }
+        self.node_addrs
+            .iter()
+            .map(|a| (*a, key.port, key.proto))
+            .collect()
+    }
+
+    fn admit(&mut self, key: &ServiceKey) {
+        for t in self.tuples(key) {
+            self.frontends.push(t);
+            self.mark(t, false);
+        }
+    }
+
+    /// Removes a frontend entry as the agent does: the entry, then its filter slots when no
+    /// other frontend falls on them, then the service id's next generation.
+    fn remove_frontend(&mut self, frontend: (Ipv4Addr, u16), proto_nr: u8, scope_nr: u8) {
+        let key = ServiceKey::new(
+            addr::ipv4(frontend.0.octets()),
+            addr::port(frontend.1),
+            proto_nr,
+            scope_nr,
+        );
+        let mut services = self.hash::<ServiceKey, ServiceValue>(maps::SERVICES);
+        let id = services.get(&key, 0).expect("the frontend").id;
+        services.remove(&key).unwrap();
+        for t in self.tuples(&key) {
+            let i = self.frontends.iter().position(|f| *f == t).unwrap();
+            self.frontends.swap_remove(i);
+            if !self.frontends.contains(&t) {
+                self.mark(t, true);
+            }
+        }
+        let mut generations =
+            Array::<_, u32>::try_from(self.ebpf.map_mut(maps::SERVICE_GENERATIONS).unwrap())
+                .unwrap();
+        let g = generations.get(&id, 0).unwrap();
+        generations.set(id, g.wrapping_add(1), 0).unwrap();
     }
 
     fn hash<K: Pod, V: Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
@@ -406,8 +478,20 @@ impl Datapath {
     }
 
     fn node_addr(&mut self, ip: Ipv4Addr) {
+        let a = addr::ipv4(ip.octets());
+        let node_ports: Vec<ServiceKey> = self
+            .hash::<ServiceKey, ServiceValue>(maps::SERVICES)
+            .keys()
+            .map(Result::unwrap)
+            .filter(|k| k.addr == 0)
+            .collect();
+        for k in node_ports {
+            self.frontends.push((a, k.port, k.proto));
+            self.mark((a, k.port, k.proto), false);
+        }
+        self.node_addrs.push(a);
         self.hash::<u32, u32>(maps::NODE_ADDRESSES)
-            .insert(addr::ipv4(ip.octets()), 1, 0)
+            .insert(a, 1, 0)
             .unwrap();
     }
 
@@ -466,6 +550,7 @@ impl Datapath {
             scope_nr,
         );
         let value = ServiceValue::new(id, flags, kind_nr, offset, len, backends.len() as u32, 0);
+        self.admit(&key);
         self.hash::<ServiceKey, ServiceValue>(maps::SERVICES)
             .insert(key, value, 0)
             .unwrap();
@@ -475,6 +560,7 @@ impl Datapath {
     fn cluster_ip_marker(&mut self, ip: Ipv4Addr) {
         let key = ServiceKey::new(addr::ipv4(ip.octets()), 0, 0, scope::INTERNAL);
         let value = ServiceValue::new(0, service_flags::ADDRESS_ONLY, kind::CLUSTER_IP, 0, 0, 0, 0);
+        self.admit(&key);
         self.hash::<ServiceKey, ServiceValue>(maps::SERVICES)
             .insert(key, value, 0)
             .unwrap();
@@ -1266,6 +1352,60 @@ fn tcp_keeps_its_backend_while_udp_reselects() {
         &other,
         XDP_PASS,
         &other.clone().with_dst(BACKEND_B, BACKEND_PORT).bytes(),
+    );
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn tuples_the_filter_marks_free_of_frontends_pass_without_a_lookup() {
+    let mut dp = nodeport_datapath(&ONE_BACKEND);
+    let syn = Packet::tcp((CLIENT, CLIENT_PORT), (NODE_IP, NODE_PORT), TCP_SYN);
+    let tuple = (
+        addr::ipv4(NODE_IP.octets()),
+        addr::port(NODE_PORT),
+        proto::TCP,
+    );
+    dp.mark(tuple, true);
+    expect_untouched(&mut dp, XDP, &syn.bytes(), XDP_PASS);
+    dp.mark(tuple, false);
+    let dnat = syn.clone().with_dst(BACKEND_A, BACKEND_PORT);
+    expect(&mut dp, XDP, &syn, XDP_PASS, &dnat.bytes());
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn a_frontend_that_goes_ends_its_flows_while_the_service_ports_others_keep_theirs() {
+    // One service port (id 3) on an LB IP, for outside and for pods, and an externalIP.
+    let mut dp = Datapath::load();
+    let frontends = [
+        (LB_IP, scope::EXTERNAL, kind::LOAD_BALANCER),
+        (LB_IP, scope::INTERNAL, kind::LOAD_BALANCER),
+        (EXTERNAL_IP, scope::EXTERNAL, kind::EXTERNAL_IP),
+    ];
+    for (ip, scope_nr, kind_nr) in frontends {
+        dp.service(3, (ip, 80), proto::TCP, scope_nr, kind_nr, 0, &ONE_BACKEND);
+    }
+    for ip in [LB_IP, EXTERNAL_IP] {
+        let syn = Packet::tcp((CLIENT, CLIENT_PORT), (ip, 80), TCP_SYN);
+        let dnat = syn.clone().with_dst(BACKEND_A, BACKEND_PORT);
+        expect(&mut dp, XDP, &syn, XDP_PASS, &dnat.bytes());
+    }
+
+    // The LB IP stops serving outside (pods still reach it, so its tuple stays in the
+    // filter): the flow made through it is not the service's any more.
+    dp.remove_frontend((LB_IP, 80), proto::TCP, scope::EXTERNAL);
+    let ack = Packet::tcp((CLIENT, CLIENT_PORT), (LB_IP, 80), TCP_ACK);
+    expect_untouched(&mut dp, XDP, &ack.bytes(), XDP_PASS);
+
+    let ack = Packet::tcp((CLIENT, CLIENT_PORT), (EXTERNAL_IP, 80), TCP_ACK);
+    let dnat = ack.clone().with_dst(BACKEND_A, BACKEND_PORT);
+    expect(&mut dp, XDP, &ack, XDP_PASS, &dnat.bytes());
+    let fwd = dp
+        .conntrack((CLIENT, CLIENT_PORT), (EXTERNAL_IP, 80), proto::TCP)
+        .unwrap();
+    assert_eq!(
+        fwd.generation, 1,
+        "confirmed under the service port's next generation"
     );
 }
 

@@ -9,12 +9,14 @@ use aya::maps::{
 };
 use lb_common::{maps, BackendValue, Config, Counter, ServiceKey, ServiceValue, SourceRangeKey};
 
-use super::{maglev_mmap::MaglevMap, per_cpu_batch, MapError, MapStore, SourceRange};
+use super::{mmap_array::MmapArray, per_cpu_batch, MapError, MapStore, SourceRange};
 
 pub struct AyaMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
-    maglev: MaglevMap,
+    maglev: MmapArray<u32>,
+    filter: MmapArray<u64>,
+    generations: MmapArray<u32>,
     node_addresses: HashMap<MapData, u32, u32>,
     config: Array<MapData, Config>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -57,7 +59,12 @@ impl AyaMaps {
         Ok(Self {
             services: take(maps::SERVICES)?.try_into()?,
             backends: take(maps::BACKENDS)?.try_into()?,
-            maglev: MaglevMap::new(take(maps::MAGLEV)?)?,
+            maglev: MmapArray::new(take(maps::MAGLEV)?, maps::MAGLEV)?,
+            filter: MmapArray::new(take(maps::FRONTEND_FILTER)?, maps::FRONTEND_FILTER)?,
+            generations: MmapArray::new(
+                take(maps::SERVICE_GENERATIONS)?,
+                maps::SERVICE_GENERATIONS,
+            )?,
             node_addresses: take(maps::NODE_ADDRESSES)?.try_into()?,
             config: take(maps::CONFIG)?.try_into()?,
             source_ranges: take(maps::SOURCE_RANGES)?.try_into()?,
@@ -73,7 +80,12 @@ impl AyaMaps {
         Ok(Self {
             services: open_pin(dir, maps::SERVICES)?.try_into()?,
             backends: open_pin(dir, maps::BACKENDS)?.try_into()?,
-            maglev: MaglevMap::new(open_pin(dir, maps::MAGLEV)?)?,
+            maglev: MmapArray::new(open_pin(dir, maps::MAGLEV)?, maps::MAGLEV)?,
+            filter: MmapArray::new(open_pin(dir, maps::FRONTEND_FILTER)?, maps::FRONTEND_FILTER)?,
+            generations: MmapArray::new(
+                open_pin(dir, maps::SERVICE_GENERATIONS)?,
+                maps::SERVICE_GENERATIONS,
+            )?,
             node_addresses: open_pin(dir, maps::NODE_ADDRESSES)?.try_into()?,
             config: open_pin(dir, maps::CONFIG)?.try_into()?,
             source_ranges: open_pin(dir, maps::SOURCE_RANGES)?.try_into()?,
@@ -156,6 +168,15 @@ impl MapStore for AyaMaps {
     }
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError> {
         self.maglev.write(offset, ids)
+    }
+    fn write_filter(&mut self, index: u32, words: &[u64]) -> Result<(), MapError> {
+        self.filter.write(index, words)
+    }
+    fn next_generation(&mut self, id: u32) -> Result<(), MapError> {
+        let [g] = self.generations.read(id, 1)?[..] else {
+            unreachable!("one element read")
+        };
+        self.generations.write(id, &[g.wrapping_add(1)])
     }
     fn put_node_address(&mut self, addr: u32) -> Result<(), MapError> {
         self.node_addresses

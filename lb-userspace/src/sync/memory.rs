@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{capacity, maps, BackendValue, Config, ServiceKey, ServiceValue};
+use lb_common::{capacity, filter, maps, BackendValue, Config, ServiceKey, ServiceValue};
 
 use super::{MapError, MapStore, SourceRange};
 
@@ -14,6 +14,10 @@ pub struct MemoryMaps {
     pub node_addresses: Vec<u32>,
     pub config: Option<Config>,
     pub source_ranges: BTreeSet<SourceRange>,
+    /// FRONT_FILTER's words, zero (filtering nothing) until written, as a new map is.
+    pub filter: Vec<u64>,
+    /// SVC_GEN by service id.
+    pub generations: Vec<u32>,
     pub service_capacity: usize,
     pub source_range_capacity: usize,
     /// Every write in order: ("put_service", ...), for checking the order of changes.
@@ -35,10 +39,19 @@ impl MemoryMaps {
             node_addresses: Vec::new(),
             config: None,
             source_ranges: BTreeSet::new(),
+            filter: vec![0; filter::WORDS as usize],
+            generations: vec![0; capacity::SERVICE_STATS as usize],
             service_capacity: services,
             source_range_capacity: capacity::SOURCE_RANGES as usize,
             log: Vec::new(),
         }
+    }
+
+    /// What the data path's filter answers for a tuple (wire order): false when the packet
+    /// would pass without a lookup.
+    pub fn maybe_frontend(&self, addr: u32, port: u16, proto: u8) -> bool {
+        let (word, bit) = filter::position(filter::slot(addr, port, proto));
+        self.filter[word as usize] & bit == 0
     }
 }
 
@@ -97,6 +110,25 @@ impl MapStore for MemoryMaps {
         slots.copy_from_slice(ids);
         self.log
             .push(format!("write_maglev {offset}+{}", ids.len()));
+        Ok(())
+    }
+    fn write_filter(&mut self, index: u32, words: &[u64]) -> Result<(), MapError> {
+        let i = index as usize;
+        self.filter
+            .get_mut(i..i + words.len())
+            .ok_or(MapError::Full(maps::FRONTEND_FILTER))?
+            .copy_from_slice(words);
+        self.log
+            .push(format!("write_filter {index}+{}", words.len()));
+        Ok(())
+    }
+    fn next_generation(&mut self, id: u32) -> Result<(), MapError> {
+        let g = self
+            .generations
+            .get_mut(id as usize)
+            .ok_or(MapError::Full(maps::SERVICE_GENERATIONS))?;
+        *g = g.wrapping_add(1);
+        self.log.push(format!("next_generation {id}"));
         Ok(())
     }
     fn put_node_address(&mut self, addr: u32) -> Result<(), MapError> {

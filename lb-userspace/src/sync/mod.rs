@@ -5,10 +5,11 @@
 //! old entry may still be using it.
 
 mod aya_maps;
+mod frontend_filter;
 mod id_pool;
 mod maglev_alloc;
-mod maglev_mmap;
 mod memory;
+mod mmap_array;
 mod per_cpu_batch;
 mod syncer;
 
@@ -52,6 +53,11 @@ pub trait MapStore {
     fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError>;
+    /// Writes FRONT_FILTER words from `index` on (see lb-common's `filter`).
+    fn write_filter(&mut self, index: u32, words: &[u64]) -> Result<(), MapError>;
+    /// Moves service id `id` to its next generation: conntrack entries made under the
+    /// previous one are confirmed against their frontend again.
+    fn next_generation(&mut self, id: u32) -> Result<(), MapError>;
     fn put_node_address(&mut self, addr: u32) -> Result<(), MapError>;
     fn delete_node_address(&mut self, addr: u32) -> Result<(), MapError>;
     fn put_config(&mut self, config: Config) -> Result<(), MapError>;

@@ -21,8 +21,12 @@ use lb_common::{
     addr, capacity, maps, scope, service_flags, BackendValue, Config, ServiceKey, ServiceValue,
 };
 
-use super::{id_pool::IdPool, maglev_alloc::RangeAllocator, MapError, MapStore, SourceRange};
+use super::{
+    frontend_filter::FrontendFilter, id_pool::IdPool, maglev_alloc::RangeAllocator, MapError,
+    MapStore, SourceRange,
+};
 use crate::desired::{DesiredMaps, DesiredService, ServicePortId};
+use frontends::key_slots;
 use port::Port;
 
 /// What one apply did.
@@ -107,6 +111,11 @@ pub struct Syncer<S: MapStore> {
     /// The maps may hold entries no service port wants (recovered ones, failed deletions):
     /// the next full apply looks for them.
     unowned: bool,
+    /// FRONT_FILTER, following `services` and `node_addresses`.
+    filter: FrontendFilter,
+    /// The first apply writes the filter whole: the map may be new (zero, which filters
+    /// nothing) or an earlier agent's; later ones write the words they change.
+    filter_written: bool,
 }
 
 impl<S: MapStore> Syncer<S> {
@@ -116,7 +125,7 @@ impl<S: MapStore> Syncer<S> {
     pub fn recover(mut store: S, config: Config) -> anyhow::Result<Self> {
         let services: BTreeMap<_, _> = store.services()?.into_iter().collect();
         let backends: BTreeMap<_, _> = store.backends()?.into_iter().collect();
-        let node_addresses = store.node_addresses()?.into_iter().collect();
+        let node_addresses: BTreeSet<u32> = store.node_addresses()?.into_iter().collect();
         let source_ranges: BTreeSet<_> = store.source_ranges()?.into_iter().collect();
         let mut ranges: BTreeMap<u32, Range> = BTreeMap::new();
         let mut next_serial = 0;
@@ -150,6 +159,8 @@ impl<S: MapStore> Syncer<S> {
             store.put_config(config)?;
         }
         let unowned = !services.is_empty() || !backends.is_empty() || !source_ranges.is_empty();
+        let filter =
+            FrontendFilter::new(services.keys().flat_map(|k| key_slots(k, &node_addresses)));
         Ok(Self {
             store,
             services,
@@ -170,6 +181,8 @@ impl<S: MapStore> Syncer<S> {
             failed: BTreeSet::new(),
             failed_markers: BTreeSet::new(),
             unowned,
+            filter,
+            filter_written: false,
         })
     }
 
@@ -210,6 +223,7 @@ impl<S: MapStore> Syncer<S> {
     pub fn apply(&mut self, desired: &DesiredMaps) -> SyncReport {
         let mut report = SyncReport::default();
         self.tick();
+        self.write_whole_filter(&mut report);
         let removed = self
             .service_ids
             .keys()
@@ -257,6 +271,7 @@ impl<S: MapStore> Syncer<S> {
     ) -> SyncReport {
         let mut report = SyncReport::default();
         self.tick();
+        self.write_whole_filter(&mut report);
         let ports: Vec<ServicePortId> = ports
             .union(&self.failed)
             .filter(|id| match desired.services.get(*id) {
@@ -270,6 +285,16 @@ impl<S: MapStore> Syncer<S> {
         self.upsert(desired, &ports, &ips, &mut pending, &mut report);
         self.settle(desired, &ports, &ips, pending, &mut report);
         report
+    }
+
+    fn write_whole_filter(&mut self, report: &mut SyncReport) {
+        if self.filter_written {
+            return;
+        }
+        match self.store.write_filter(0, self.filter.words()) {
+            Ok(()) => self.filter_written = true,
+            Err(e) => report.fail("frontend filter", e),
+        }
     }
 
     fn is_applied(&self, id: &ServicePortId, svc: &DesiredService) -> bool {
@@ -417,12 +442,17 @@ impl<S: MapStore> Syncer<S> {
 
     fn put_node_addresses(&mut self, want: &BTreeSet<u32>, report: &mut SyncReport) {
         for a in want.difference(&self.node_addresses.clone()) {
+            let slots = self.node_port_slots(*a);
+            self.admit(&slots, report);
             match self.store.put_node_address(*a) {
                 Ok(()) => {
                     report.writes += 1;
                     self.node_addresses.insert(*a);
                 }
-                Err(e) => report.fail("node address", e),
+                Err(e) => {
+                    report.fail("node address", e);
+                    self.retire(&slots, report);
+                }
             }
         }
     }
@@ -433,6 +463,8 @@ impl<S: MapStore> Syncer<S> {
                 Ok(()) => {
                     report.deletes += 1;
                     self.node_addresses.remove(a);
+                    let slots = self.node_port_slots(*a);
+                    self.retire(&slots, report);
                 }
                 Err(e) => report.fail("delete node address", e),
             }

@@ -3,7 +3,9 @@
 //! sync of the whole state would leave it. A Maglev range lives while an entry or a
 //! claimant's value names it, so that a claimant waiting for a key keeps its table.
 
-use lb_common::{ServiceKey, ServiceValue};
+use std::collections::BTreeSet;
+
+use lb_common::{filter, ServiceKey, ServiceValue};
 
 use super::{MapStore, Pending, SyncReport, Syncer};
 
@@ -59,23 +61,36 @@ impl<S: MapStore> Syncer<S> {
         }
     }
 
+    /// Writes a frontend entry. A new key is let through the filter first, so that the
+    /// entry is never there but filtered out.
     pub(super) fn put_frontend(
         &mut self,
         key: ServiceKey,
         value: ServiceValue,
         report: &mut SyncReport,
     ) -> bool {
+        let new = !self.services.contains_key(&key);
+        let slots = self.slots(&key);
+        if new {
+            self.admit(&slots, report);
+        }
         match self.store.put_service(key, value) {
             Ok(()) => {
                 report.writes += 1;
                 self.hold_range(&value);
                 if let Some(old) = self.services.insert(key, value) {
                     self.release_range(&old);
+                    if changes_flows(&old, &value) {
+                        self.next_generation(old.id, report);
+                    }
                 }
                 true
             }
             Err(e) => {
                 report.fail(&format!("frontend {key:?}"), e);
+                if new {
+                    self.retire(&slots, report);
+                }
                 false
             }
         }
@@ -88,14 +103,65 @@ impl<S: MapStore> Syncer<S> {
         match self.store.delete_service(&key) {
             Ok(()) => {
                 report.deletes += 1;
+                let slots = self.slots(&key);
+                self.retire(&slots, report);
                 if let Some(old) = self.services.remove(&key) {
                     self.release_range(&old);
+                    self.next_generation(old.id, report);
                 }
             }
             Err(e) => {
                 report.fail(&format!("delete frontend {key:?}"), e);
                 self.unowned = true;
             }
+        }
+    }
+
+    fn slots(&self, key: &ServiceKey) -> Vec<u32> {
+        key_slots(key, &self.node_addresses)
+    }
+
+    /// The NodePort keys, whose slots follow the node addresses.
+    pub(super) fn node_port_slots(&self, node_addr: u32) -> Vec<u32> {
+        let wildcard = ServiceKey::new(0, 0, 0, 0)..=ServiceKey::new(0, u16::MAX, u8::MAX, u8::MAX);
+        self.services
+            .range(wildcard)
+            .map(|(k, _)| filter::slot(node_addr, k.port, k.proto))
+            .collect()
+    }
+
+    /// Frontend tuples on these slots from now on.
+    pub(super) fn admit(&mut self, slots: &[u32], report: &mut SyncReport) {
+        for slot in slots {
+            if let Some(word) = self.filter.add(*slot) {
+                self.write_filter_word(word, report);
+            }
+        }
+    }
+
+    /// Frontend tuples on these slots no more.
+    pub(super) fn retire(&mut self, slots: &[u32], report: &mut SyncReport) {
+        for slot in slots {
+            if let Some(word) = self.filter.remove(*slot) {
+                self.write_filter_word(word, report);
+            }
+        }
+    }
+
+    fn write_filter_word(&mut self, (index, word): (u32, u64), report: &mut SyncReport) {
+        if let Err(e) = self.store.write_filter(index, &[word]) {
+            report.fail("frontend filter", e);
+        }
+    }
+
+    /// Established flows of service id `id` are confirmed against their frontends again.
+    fn next_generation(&mut self, id: u32, report: &mut SyncReport) {
+        // Id 0 is the ClusterIP markers', which have no flows.
+        if id == 0 {
+            return;
+        }
+        if let Err(e) = self.store.next_generation(id) {
+            report.fail(&format!("generation of service id {id}"), e);
         }
     }
 
@@ -123,4 +189,23 @@ impl<S: MapStore> Syncer<S> {
             }
         }
     }
+}
+
+/// The filter slots of a frontend key: its own tuple, or for a NodePort its port on every
+/// node address.
+pub(super) fn key_slots(key: &ServiceKey, node_addresses: &BTreeSet<u32>) -> Vec<u32> {
+    if key.addr != 0 {
+        return vec![filter::slot(key.addr, key.port, key.proto)];
+    }
+    node_addresses
+        .iter()
+        .map(|a| filter::slot(*a, key.port, key.proto))
+        .collect()
+}
+
+/// Does an entry's change matter to its established flows? A new table or backend count
+/// does not (flows keep their backend); another service id, kind or flag (a source range,
+/// a traffic policy) does.
+fn changes_flows(old: &ServiceValue, new: &ServiceValue) -> bool {
+    old.id != new.id || old.flags != new.flags || old.kind != new.kind
 }

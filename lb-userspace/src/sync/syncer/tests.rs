@@ -424,3 +424,103 @@ fn a_shared_frontend_holds_the_greatest_claimant_and_passes_to_the_next() {
     let r = s.apply(&sharing(None));
     assert_eq!((r.writes, r.deletes), (0, 0), "{r:?}");
 }
+
+/// Service "a" (ClusterIP 10.96.0.1:80) with a NodePort 30080 as well.
+fn with_node_port(node_addresses: &[[u8; 4]]) -> DesiredMaps {
+    let mut d = desired(&[("a", 1, &[1])]);
+    let svc = d.services.get_mut(&id("a")).unwrap();
+    let mut np = svc.frontends[0].clone();
+    (np.addr, np.port, np.scope, np.kind) = (
+        Ipv4Addr::UNSPECIFIED,
+        30080,
+        scope::EXTERNAL,
+        kind::NODE_PORT,
+    );
+    svc.frontends.insert(0, np);
+    d.node_addresses = node_addresses.iter().map(|a| Ipv4Addr::from(*a)).collect();
+    d
+}
+
+/// Does the filter let `addr:port` (host order) over TCP through to the lookups?
+fn passes_filter(s: &Syncer<MemoryMaps>, addr: [u8; 4], port: u16, proto: u8) -> bool {
+    s.store()
+        .maybe_frontend(addr::ipv4(addr), addr::port(port), proto)
+}
+
+#[test]
+fn the_filter_lets_through_frontends_and_node_ports_on_each_node_address_only() {
+    const TCP: u8 = lb_common::proto::TCP;
+    let (a, b) = ([192, 0, 2, 1], [192, 0, 2, 2]);
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    let r = s.apply(&with_node_port(&[a]));
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert!(passes_filter(&s, [10, 96, 0, 1], 80, TCP));
+    assert!(
+        passes_filter(&s, [10, 96, 0, 1], 0, 0),
+        "the ClusterIP's marker"
+    );
+    assert!(passes_filter(&s, a, 30080, TCP));
+    assert!(!passes_filter(&s, b, 30080, TCP), "not a node address");
+    assert!(!passes_filter(&s, a, 22, TCP), "the node's own services");
+    assert!(!passes_filter(&s, a, 30080, lb_common::proto::UDP));
+
+    s.apply(&with_node_port(&[b]));
+    assert!(passes_filter(&s, b, 30080, TCP), "a node address that came");
+    assert!(
+        !passes_filter(&s, a, 30080, TCP),
+        "a node address that went"
+    );
+
+    // A restarted agent writes the filter whole from what the maps hold.
+    let mut zeroed = s.store().clone();
+    zeroed.filter.fill(0);
+    let mut again = Syncer::recover(zeroed, Config::default()).unwrap();
+    again.apply(&with_node_port(&[b]));
+    assert_eq!(again.store().filter, s.store().filter);
+
+    let mut d = with_node_port(&[b]);
+    d.services.clear();
+    d.cluster_ips.clear();
+    s.apply(&d);
+    assert!(
+        s.store().filter.iter().all(|w| *w == u64::MAX),
+        "no frontend left"
+    );
+}
+
+#[test]
+fn a_frontend_that_goes_or_changes_moves_its_service_id_to_the_next_generation() {
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    s.apply(&with_node_port(&[[192, 0, 2, 1]]));
+    let sid = entry(&s, 1).id;
+    let generation = |s: &Syncer<MemoryMaps>| s.store().generations[sid as usize];
+    assert_eq!(
+        generation(&s),
+        0,
+        "new frontends leave established flows alone"
+    );
+
+    let mut d = with_node_port(&[[192, 0, 2, 1]]);
+    let svc = d.services.get_mut(&id("a")).unwrap();
+    svc.backends[0].addr = Ipv4Addr::new(10, 0, 0, 9);
+    s.apply(&d);
+    assert_eq!(
+        generation(&s),
+        0,
+        "an endpoint change keeps flows on the fast path"
+    );
+
+    let svc = d.services.get_mut(&id("a")).unwrap();
+    svc.frontends.remove(0);
+    let mark = s.store().log.len();
+    s.apply(&d);
+    assert_eq!(generation(&s), 1, "the NodePort went");
+    let log = &s.store().log[mark..];
+    let pos = |p: &str| log.iter().position(|l| l.starts_with(p)).unwrap();
+    assert!(pos("delete_service") < pos("next_generation"), "{log:?}");
+
+    let svc = d.services.get_mut(&id("a")).unwrap();
+    svc.frontends[0].local_policy = true;
+    s.apply(&d);
+    assert_eq!(generation(&s), 2, "the ClusterIP's policy changed");
+}
