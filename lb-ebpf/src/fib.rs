@@ -65,25 +65,21 @@ pub fn lookup(ctx: &XdpContext, flow: &Flow) -> Option<(u32, bpf_fib_lookup)> {
     let tos: *const u8 = ptr_at(data, data_end, flow.l3_off + 1)?;
     let src: *const u32 = ptr_at(data, data_end, flow.l3_off + 12)?;
     let dst: *const u32 = ptr_at(data, data_end, flow.l3_off + 16)?;
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    unsafe {
-        p.family = AF_INET;
-        p.l4_protocol = flow.proto;
-        p.__bindgen_anon_1.tot_len = u16::from_be(tot_len.read_unaligned());
-        p.__bindgen_anon_2.tos = *tos;
-        p.__bindgen_anon_3.ipv4_src = src.read_unaligned();
-        p.__bindgen_anon_4.ipv4_dst = dst.read_unaligned();
-        p.ifindex = (*ctx.ctx).ingress_ifindex;
-    }
+    // Filled in place: a zeroed value built and moved would be zeroed with a memset call.
+    let mut p = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    let pp = p.as_mut_ptr();
     let rc = unsafe {
-        fib_lookup(
-            ctx.ctx as *mut _,
-            &mut p,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
+        crate::bytes::zero(pp);
+        (*pp).family = AF_INET;
+        (*pp).l4_protocol = flow.proto;
+        (*pp).__bindgen_anon_1.tot_len = u16::from_be(tot_len.read_unaligned());
+        (*pp).__bindgen_anon_2.tos = *tos;
+        (*pp).__bindgen_anon_3.ipv4_src = src.read_unaligned();
+        (*pp).__bindgen_anon_4.ipv4_dst = dst.read_unaligned();
+        (*pp).ifindex = (*ctx.ctx).ingress_ifindex;
+        fib_lookup(ctx.ctx as *mut _, pp, size_of::<bpf_fib_lookup>() as i32, 0)
     };
-    Some((rc as u32, p))
+    Some((rc as u32, unsafe { p.assume_init() }))
 }
 
 /// Sends a translated packet on from XDP; the XDP action.
@@ -109,10 +105,10 @@ pub fn xdp_send(ctx: &XdpContext, flow: &Flow) -> u32 {
         count_drop(drop_reason::MALFORMED);
         return xdp_action::XDP_DROP;
     };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&p.dmac);
-    macs[6..].copy_from_slice(&p.smac);
-    unsafe { eth.write_unaligned(macs) };
+    unsafe {
+        crate::bytes::copy::<6>(eth.cast(), p.dmac.as_ptr());
+        crate::bytes::copy::<6>(eth.cast::<u8>().add(6), p.smac.as_ptr());
+    }
     if p.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
         xdp_action::XDP_TX
     } else {

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod affinity;
+mod bytes;
 mod clock;
 mod conntrack;
 mod csum;
@@ -343,11 +344,11 @@ fn xdp_reject(ctx: &XdpContext, flow: &Flow) -> Option<()> {
     if l3 == parse::ETH_HLEN {
         let from: *const [u8; 14] = parse::ptr_at(data, data_end, reject::ICMP_ROOM)?;
         let to: *mut [u8; 14] = parse::ptr_at(data, data_end, 0)?;
-        unsafe { *to = *from };
+        unsafe { bytes::copy::<14>(to.cast(), from.cast()) };
     } else {
         let from: *const [u8; 18] = parse::ptr_at(data, data_end, reject::ICMP_ROOM)?;
         let to: *mut [u8; 18] = parse::ptr_at(data, data_end, 0)?;
-        unsafe { *to = *from };
+        unsafe { bytes::copy::<18>(to.cast(), from.cast()) };
     }
     let len = reject::icmp_port_unreachable(data, data_end, flow)?;
     xdp_trim(ctx, len)
