@@ -289,11 +289,11 @@ impl<S: MapStore> Syncer<S> {
             port.tables.push(t.clone());
             return Some((t.offset, t.len));
         }
-        let names: Vec<String> = members
+        let backends: Vec<(Ipv4Addr, u16)> = members
             .iter()
-            .map(|&(_, a, p)| format!("{}:{p}", Ipv4Addr::from(addr::ipv4_octets(a))))
+            .map(|&(_, a, p)| (Ipv4Addr::from(addr::ipv4_octets(a)), p))
             .collect();
-        let table: Vec<u32> = maglev::table(&names, len)
+        let table: Vec<u32> = maglev::table(&backends, len)
             .iter()
             .map(|&i| members[i as usize].0)
             .collect();
