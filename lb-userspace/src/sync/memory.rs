@@ -15,6 +15,7 @@ pub struct MemoryMaps {
     pub config: Option<Config>,
     pub source_ranges: BTreeSet<SourceRange>,
     pub service_capacity: usize,
+    pub backend_capacity: usize,
     pub source_range_capacity: usize,
     /// Every write in order: ("put_service", ...), for checking the order of changes.
     pub log: Vec<String>,
@@ -36,6 +37,7 @@ impl MemoryMaps {
             config: None,
             source_ranges: BTreeSet::new(),
             service_capacity: services,
+            backend_capacity: capacity::BACKENDS as usize,
             source_range_capacity: capacity::SOURCE_RANGES as usize,
             log: Vec::new(),
         }
@@ -79,6 +81,9 @@ impl MapStore for MemoryMaps {
         Ok(())
     }
     fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError> {
+        if !self.backends.contains_key(&id) && self.backends.len() >= self.backend_capacity {
+            return Err(MapError::Full(maps::BACKENDS));
+        }
         self.log.push(format!("put_backend {id}"));
         self.backends.insert(id, value);
         Ok(())

@@ -3,11 +3,13 @@
 //! which entries it wants, so an unchanged one costs a comparison and a change writes only
 //! the entries of the service ports it touches.
 //!
-//! An apply runs in two phases: first every touched service port writes its backends,
-//! tables, source ranges and frontends; then what they no longer want is deleted (frontends
-//! before the ranges, tables and backends they name). A service port's id is handed out
+//! An apply runs in two phases: first the touched service ports write their backends (all
+//! of them, in batches), then each its tables and source ranges, then their frontends (in
+//! batches); then what they no longer want is deleted (frontends before the ranges, tables
+//! and backends they name). A service port's id is handed out
 //! again only after its entries are gone.
 
+mod batched;
 mod frontends;
 mod port;
 
@@ -23,6 +25,7 @@ use lb_common::{
 
 use super::{id_pool::IdPool, maglev_alloc::RangeAllocator, MapError, MapStore, SourceRange};
 use crate::desired::{DesiredMaps, DesiredService, ServicePortId};
+use batched::{FrontendWrites, Owner, Touched};
 use port::Port;
 
 /// What one apply did.
@@ -279,7 +282,8 @@ impl<S: MapStore> Syncer<S> {
             .is_some_and(|p| p.applied.as_ref() == Some(svc))
     }
 
-    /// The first phase: ids, then every service port's entries, then address markers.
+    /// The first phase: ids, then the backends of every service port, their tables and
+    /// source ranges, then their frontends and address markers.
     fn upsert(
         &mut self,
         desired: &DesiredMaps,
@@ -289,22 +293,30 @@ impl<S: MapStore> Syncer<S> {
         report: &mut SyncReport,
     ) {
         self.assign_service_ids(desired, ports, report);
-        for id in ports {
-            let (Some(svc), Some(&sid)) = (desired.services.get(id), self.service_ids.get(id))
-            else {
-                continue;
-            };
-            self.upsert_port(sid, id, svc, pending, report);
+        let touched: Vec<Touched> = ports
+            .iter()
+            .filter_map(|id| {
+                let sid = *self.service_ids.get(id)?;
+                let svc = desired.services.get(id)?;
+                self.ports.contains_key(&sid).then_some((sid, id, svc))
+            })
+            .collect();
+        let backends = self.sync_backends(&touched, report);
+        let mut frontends = FrontendWrites::default();
+        let mut ok = Vec::with_capacity(touched.len());
+        for (&port, backends) in touched.iter().zip(backends) {
+            ok.push(self.upsert_port(port, backends, &mut frontends, pending, report));
         }
         for ip in ips.iter().filter(|ip| desired.cluster_ips.contains(ip)) {
             let a = addr::ipv4(ip.octets());
             self.markers.insert(a);
+            self.failed_markers.remove(ip);
             let (key, value) = marker(a);
-            if self.services.get(&key) == Some(&value) || self.put_frontend(key, value, report) {
-                self.failed_markers.remove(ip);
-            } else {
-                self.failed_markers.insert(*ip);
-            }
+            frontends.put(key, value, Owner::Marker(*ip), &self.services);
+        }
+        let failed = self.write_frontends(frontends, report);
+        for (&(sid, id, svc), ok) in touched.iter().zip(ok) {
+            self.finish_port(sid, id, svc, ok && !failed.contains(&sid));
         }
     }
 

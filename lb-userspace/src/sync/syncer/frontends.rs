@@ -67,17 +67,27 @@ impl<S: MapStore> Syncer<S> {
     ) -> bool {
         match self.store.put_service(key, value) {
             Ok(()) => {
-                report.writes += 1;
-                self.hold_range(&value);
-                if let Some(old) = self.services.insert(key, value) {
-                    self.release_range(&old);
-                }
+                self.frontend_written(key, value, report);
                 true
             }
             Err(e) => {
                 report.fail(&format!("frontend {key:?}"), e);
                 false
             }
+        }
+    }
+
+    /// Records an entry the map now holds.
+    pub(super) fn frontend_written(
+        &mut self,
+        key: ServiceKey,
+        value: ServiceValue,
+        report: &mut SyncReport,
+    ) {
+        report.writes += 1;
+        self.hold_range(&value);
+        if let Some(old) = self.services.insert(key, value) {
+            self.release_range(&old);
         }
     }
 
