@@ -70,22 +70,22 @@ impl Name {
 /// into `backends`. The permutation comes from the backends alone, so the same backends
 /// always give the same table, also across agent versions: a restarted agent keeps the
 /// tables it finds.
-pub fn table(backends: &[(Ipv4Addr, u16)], len: u32) -> Vec<u32> {
-    if backends.is_empty() {
-        return Vec::new();
-    }
+pub fn table(backends: impl IntoIterator<Item = (Ipv4Addr, u16)>, len: u32) -> Vec<u32> {
     let m = u64::from(len);
     // Each backend's next preferred slot, (offset + k * skip) mod len for its k-th choice,
     // kept by addition: a division per probe cost more than the rest of the fill.
     let mut cursors: Vec<(u32, u32)> = backends
-        .iter()
-        .map(|&(addr, port)| {
+        .into_iter()
+        .map(|(addr, port)| {
             let name = Name::new(addr, port);
             let offset = hash(name.bytes(), 0x5eed_0001) % m;
             let skip = hash(name.bytes(), 0x5eed_0002) % (m - 1) + 1;
             (offset as u32, skip as u32)
         })
         .collect();
+    if cursors.is_empty() {
+        return Vec::new();
+    }
     let advance = |slot: u32, skip: u32| {
         let next = slot + skip;
         if next >= len {
@@ -132,7 +132,7 @@ mod tests {
     fn every_backend_gets_an_almost_equal_share() {
         for n in [1, 2, 3, 10, 100] {
             let len = maglev_len(n as u32);
-            let t = table(&backends(n), len);
+            let t = table(backends(n), len);
             assert_eq!(t.len(), len as usize);
             let mut counts = vec![0usize; n];
             for &i in &t {
@@ -152,9 +152,9 @@ mod tests {
     fn removing_a_backend_moves_few_other_slots() {
         let all = backends(10);
         let len = maglev_len(10);
-        let before = table(&all, len);
+        let before = table(all.clone(), len);
         let fewer: Vec<(Ipv4Addr, u16)> = all.iter().filter(|b| **b != all[3]).copied().collect();
-        let after = table(&fewer, len);
+        let after = table(fewer.clone(), len);
         let moved = before
             .iter()
             .zip(&after)
@@ -166,8 +166,8 @@ mod tests {
 
     #[test]
     fn tables_are_deterministic() {
-        assert_eq!(table(&backends(5), 509), table(&backends(5), 509));
-        assert!(table(&[], 251).is_empty());
+        assert_eq!(table(backends(5), 509), table(backends(5), 509));
+        assert!(table([], 251).is_empty());
     }
 
     #[test]
@@ -207,7 +207,7 @@ mod tests {
                     (addr, 8000 + i as u16)
                 })
                 .collect();
-            let t = table(&backends, len);
+            let t = table(backends, len);
             let fnv = t.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &v| {
                 (h ^ u64::from(v)).wrapping_mul(0x0000_0100_0000_01b3)
             });

@@ -213,16 +213,18 @@ impl<S: MapStore> Syncer<S> {
     pub fn apply(&mut self, desired: &DesiredMaps) -> SyncReport {
         let mut report = SyncReport::default();
         self.tick();
-        let removed = self
+        let removed: Vec<ServicePortId> = self
             .service_ids
             .keys()
-            .filter(|id| !desired.services.contains_key(*id));
+            .filter(|id| !desired.services.contains_key(*id))
+            .cloned()
+            .collect();
         let changed = desired
             .services
             .iter()
             .filter(|(id, svc)| !self.is_applied(id, svc))
             .map(|(id, _)| id);
-        let ports: Vec<ServicePortId> = removed.chain(changed).cloned().collect();
+        let ports: Vec<&ServicePortId> = removed.iter().chain(changed).collect();
         let ips: BTreeSet<Ipv4Addr> = desired
             .cluster_ips
             .iter()
@@ -260,7 +262,7 @@ impl<S: MapStore> Syncer<S> {
     ) -> SyncReport {
         let mut report = SyncReport::default();
         self.tick();
-        let ports: Vec<ServicePortId> = ports
+        let owned: Vec<ServicePortId> = ports
             .union(&self.failed)
             .filter(|id| match desired.services.get(*id) {
                 Some(svc) => !self.is_applied(id, svc),
@@ -268,6 +270,7 @@ impl<S: MapStore> Syncer<S> {
             })
             .cloned()
             .collect();
+        let ports: Vec<&ServicePortId> = owned.iter().collect();
         let ips: BTreeSet<Ipv4Addr> = cluster_ips.union(&self.failed_markers).copied().collect();
         let mut pending = Pending::default();
         self.upsert(desired, &ports, &ips, &mut pending, &mut report);
@@ -287,7 +290,7 @@ impl<S: MapStore> Syncer<S> {
     fn upsert(
         &mut self,
         desired: &DesiredMaps,
-        ports: &[ServicePortId],
+        ports: &[&ServicePortId],
         ips: &BTreeSet<Ipv4Addr>,
         pending: &mut Pending,
         report: &mut SyncReport,
@@ -295,6 +298,7 @@ impl<S: MapStore> Syncer<S> {
         self.assign_service_ids(desired, ports, report);
         let touched: Vec<Touched> = ports
             .iter()
+            .copied()
             .filter_map(|id| {
                 let sid = *self.service_ids.get(id)?;
                 let svc = desired.services.get(id)?;
@@ -326,11 +330,12 @@ impl<S: MapStore> Syncer<S> {
     fn assign_service_ids(
         &mut self,
         desired: &DesiredMaps,
-        ports: &[ServicePortId],
+        ports: &[&ServicePortId],
         report: &mut SyncReport,
     ) {
         let new: Vec<(&ServicePortId, &DesiredService)> = ports
             .iter()
+            .copied()
             .filter(|id| !self.service_ids.contains_key(*id))
             .filter_map(|id| Some((id, desired.services.get(id)?)))
             .collect();
@@ -382,13 +387,14 @@ impl<S: MapStore> Syncer<S> {
     fn settle(
         &mut self,
         desired: &DesiredMaps,
-        ports: &[ServicePortId],
+        ports: &[&ServicePortId],
         ips: &BTreeSet<Ipv4Addr>,
         mut pending: Pending,
         report: &mut SyncReport,
     ) {
         for id in ports
             .iter()
+            .copied()
             .filter(|id| !desired.services.contains_key(*id))
         {
             self.failed.remove(id);

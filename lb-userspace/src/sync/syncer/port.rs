@@ -78,15 +78,15 @@ impl<S: MapStore> Syncer<S> {
         pending: &mut Pending,
         report: &mut SyncReport,
     ) -> bool {
-        let Some(port) = self.ports.get_mut(&sid) else {
+        // Nothing reads the service port until it is put back below.
+        let Some(before) = self.ports.remove(&sid) else {
             return false;
         };
-        let before = std::mem::replace(port, Port::new(id.clone()));
         for (_, value) in &before.frontends {
             self.release_range(value);
         }
         let PortBackends { ids, mut ok } = backends;
-        let mut after = Port::new(id.clone());
+        let mut after = Port::new(before.id);
         if ok {
             for f in &svc.frontends {
                 let input = Input {
@@ -140,15 +140,14 @@ impl<S: MapStore> Syncer<S> {
         for (key, _) in &after.frontends {
             self.claim(*key, sid);
         }
-        let entries = after.frontends.clone();
-        for (_, value) in &entries {
+        for (_, value) in &after.frontends {
             self.hold_range(value);
         }
         self.ports.insert(sid, after);
-        for (key, value) in entries {
-            let wins = self.winner(&key).is_some_and(|(w, _)| w == sid);
+        for (key, value) in &self.ports[&sid].frontends {
+            let wins = self.winner(key).is_some_and(|(w, _)| w == sid);
             if wins {
-                frontends.put(key, value, Owner::Port(sid), &self.services);
+                frontends.put(*key, *value, Owner::Port(sid), &self.services);
             }
         }
         ok
@@ -255,14 +254,13 @@ impl<S: MapStore> Syncer<S> {
             port.tables.push(t.clone());
             return Some((t.offset, t.len));
         }
-        let backends: Vec<(Ipv4Addr, u16)> = members
+        let backends = members
             .iter()
-            .map(|&(_, a, p)| (Ipv4Addr::from(addr::ipv4_octets(a)), p))
-            .collect();
-        let table: Vec<u32> = maglev::table(&backends, len)
-            .iter()
-            .map(|&i| members[i as usize].0)
-            .collect();
+            .map(|&(_, a, p)| (Ipv4Addr::from(addr::ipv4_octets(a)), p));
+        let mut table = maglev::table(backends, len);
+        for slot in &mut table {
+            *slot = members[*slot as usize].0;
+        }
         // A recovered range, or another frontend's of this service port (backend ids
         // belong to one service port, so no other's table can match), may hold it already.
         let current = std::iter::once(*key).chain(
