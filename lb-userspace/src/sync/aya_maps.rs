@@ -85,6 +85,11 @@ impl AyaMaps {
     }
 }
 
+/// Entries per batch syscall. They are copied into the kernel's layout a batch at a time,
+/// so that a call failing at its first entry (every call, once a map is full) copies a
+/// batch, not all that remains.
+const BATCH: usize = 1024;
+
 /// Writes `entries` in batches. An entry the kernel refuses is written once more on its
 /// own, so that its error reads as a single update's (a full map among them); where the
 /// kernel has no batch updates, the rest go one by one.
@@ -95,8 +100,10 @@ fn put_batched<K: Pod, V: Pod>(
 ) -> Result<(), BatchError> {
     let mut start = 0;
     while start < entries.len() {
-        let Err(stopped) = map_batch::update(map, &entries[start..]) else {
-            return Ok(());
+        let batch = &entries[start..entries.len().min(start + BATCH)];
+        let Err(stopped) = map_batch::update(map, batch) else {
+            start += batch.len();
+            continue;
         };
         let failed = start + stopped.written;
         let alone = if stopped.unsupported() {
