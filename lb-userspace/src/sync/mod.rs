@@ -57,7 +57,7 @@ pub trait MapStore {
 
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
     /// Writes `entries` in order as `put_service` would one by one, stopping at the first
-    /// that fails: none after it is written. The kernel's maps take them in one syscall.
+    /// that fails: none after it is written. The kernel's maps take many in one syscall.
     fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), BatchError> {
         for (index, (key, value)) in entries.iter().enumerate() {
             self.put_service(*key, *value)

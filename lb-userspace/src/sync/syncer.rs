@@ -6,8 +6,8 @@
 //! An apply runs in two phases: first the touched service ports write their backends (all
 //! of them, in batches), then each its tables and source ranges, then their frontends (in
 //! batches); then what they no longer want is deleted (frontends before the ranges, tables
-//! and backends they name). A service port's id is handed out
-//! again only after its entries are gone.
+//! and backends they name). A service port's id is handed out again only after its
+//! entries are gone.
 
 mod batched;
 mod frontends;
