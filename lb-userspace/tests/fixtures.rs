@@ -1491,3 +1491,52 @@ fn new_service_ids_start_from_zeroed_counters() {
         (0, 7 * cpus as u64, 0)
     );
 }
+
+/// Batched writes land in order and stop where the map is full, which reads as a full map,
+/// as with one update per entry.
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn batched_writes_stop_at_a_full_map() {
+    use lb_userspace::sync::{open_pin, AyaMaps, BatchError, MapError, MapStore};
+
+    let mut dp = Datapath::load();
+    let mut store = AyaMaps::from_ebpf(&mut dp.ebpf).unwrap();
+    let value = |n: u32| {
+        BackendValue::new(
+            addr::ipv4([10, 0, 0, 1]),
+            addr::port(8080),
+            proto::TCP,
+            backend_state::ACTIVE,
+            n,
+            0,
+        )
+    };
+    let fill: Vec<(u32, BackendValue)> =
+        (1..=capacity::BACKENDS).map(|id| (id, value(id))).collect();
+    store.put_backends(&fill).unwrap();
+    let more = [
+        (1, value(7)),
+        (capacity::BACKENDS + 1, value(8)),
+        (2, value(9)),
+    ];
+    assert_eq!(
+        store.put_backends(&more),
+        Err(BatchError {
+            index: 1,
+            error: MapError::Full(maps::BACKENDS)
+        })
+    );
+    let backends =
+        HashMap::<_, u32, BackendValue>::try_from(open_pin(&dp.pins.0, maps::BACKENDS).unwrap())
+            .unwrap();
+    assert_eq!(backends.get(&1, 0).unwrap(), value(7), "written before it");
+    assert_eq!(
+        backends.get(&2, 0).unwrap(),
+        value(2),
+        "not written after it"
+    );
+    assert_eq!(
+        backends.get(&capacity::BACKENDS, 0).unwrap(),
+        value(capacity::BACKENDS)
+    );
+}

@@ -7,9 +7,12 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
     Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray,
 };
+use aya::Pod;
 use lb_common::{maps, BackendValue, Config, Counter, ServiceKey, ServiceValue, SourceRangeKey};
 
-use super::{mmap_array::MmapArray, per_cpu_batch, MapError, MapStore, SourceRange};
+use super::{
+    map_batch, mmap_array::MmapArray, per_cpu_batch, BatchError, MapError, MapStore, SourceRange,
+};
 
 pub struct AyaMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -94,6 +97,43 @@ impl AyaMaps {
     }
 }
 
+/// Entries per batch syscall. They are copied into the kernel's layout a batch at a time,
+/// so that a call failing at its first entry (every call, once a map is full) copies a
+/// batch, not all that remains.
+const BATCH: usize = 1024;
+
+/// Writes `entries` in batches. An entry the kernel refuses is written once more on its
+/// own, so that its error reads as a single update's (a full map among them); where the
+/// kernel has no batch updates, the rest go one by one.
+fn put_batched<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    entries: &[(K, V)],
+) -> Result<(), BatchError> {
+    let mut start = 0;
+    while start < entries.len() {
+        let batch = &entries[start..entries.len().min(start + BATCH)];
+        let Err(stopped) = map_batch::update(map, batch) else {
+            start += batch.len();
+            continue;
+        };
+        let failed = start + stopped.written;
+        let alone = if stopped.unsupported() {
+            &entries[failed..]
+        } else {
+            &entries[failed..=failed]
+        };
+        for (i, (k, v)) in alone.iter().enumerate() {
+            map.insert(k, v, 0).map_err(|e| BatchError {
+                index: failed + i,
+                error: err(name, e),
+            })?;
+        }
+        start = failed + alone.len();
+    }
+    Ok(())
+}
+
 fn trie_key(r: &SourceRange) -> Key<SourceRangeKey> {
     Key::new(
         SourceRangeKey::prefix_len(r.prefix_len),
@@ -149,6 +189,9 @@ impl MapStore for AyaMaps {
             .insert(key, value, 0)
             .map_err(|e| err(maps::SERVICES, e))
     }
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), BatchError> {
+        put_batched(&mut self.services, maps::SERVICES, entries)
+    }
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         match self.services.remove(key) {
             Ok(()) | Err(AyaMapError::KeyNotFound) => Ok(()),
@@ -159,6 +202,9 @@ impl MapStore for AyaMaps {
         self.backends
             .insert(id, value, 0)
             .map_err(|e| err(maps::BACKENDS, e))
+    }
+    fn put_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<(), BatchError> {
+        put_batched(&mut self.backends, maps::BACKENDS, entries)
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
         match self.backends.remove(&id) {

@@ -19,6 +19,7 @@ pub struct MemoryMaps {
     /// SVC_GEN by service id.
     pub generations: Vec<u32>,
     pub service_capacity: usize,
+    pub backend_capacity: usize,
     pub source_range_capacity: usize,
     /// Every write in order: ("put_service", ...), for checking the order of changes.
     pub log: Vec<String>,
@@ -42,6 +43,7 @@ impl MemoryMaps {
             filter: vec![0; filter::WORDS as usize],
             generations: vec![0; capacity::SERVICE_STATS as usize],
             service_capacity: services,
+            backend_capacity: capacity::BACKENDS as usize,
             source_range_capacity: capacity::SOURCE_RANGES as usize,
             log: Vec::new(),
         }
@@ -92,6 +94,9 @@ impl MapStore for MemoryMaps {
         Ok(())
     }
     fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError> {
+        if !self.backends.contains_key(&id) && self.backends.len() >= self.backend_capacity {
+            return Err(MapError::Full(maps::BACKENDS));
+        }
         self.log.push(format!("put_backend {id}"));
         self.backends.insert(id, value);
         Ok(())

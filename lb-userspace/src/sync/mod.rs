@@ -8,6 +8,7 @@ mod aya_maps;
 mod frontend_filter;
 mod id_pool;
 mod maglev_alloc;
+mod map_batch;
 mod memory;
 mod mmap_array;
 mod per_cpu_batch;
@@ -27,6 +28,13 @@ pub enum MapError {
     Full(&'static str),
     #[error("{0}")]
     Other(String),
+}
+
+/// Entries written in order up to `index`, where `error` stopped the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    pub index: usize,
+    pub error: MapError,
 }
 
 /// One loadBalancerSourceRanges CIDR of one service port, as SOURCE_RANGES holds it.
@@ -49,8 +57,25 @@ pub trait MapStore {
     fn source_ranges(&self) -> Result<Vec<SourceRange>, MapError>;
 
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
+    /// Writes `entries` in order as `put_service` would one by one, stopping at the first
+    /// that fails: none after it is written. The kernel's maps take many in one syscall.
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), BatchError> {
+        for (index, (key, value)) in entries.iter().enumerate() {
+            self.put_service(*key, *value)
+                .map_err(|error| BatchError { index, error })?;
+        }
+        Ok(())
+    }
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError>;
     fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError>;
+    /// As `put_services`, for backends.
+    fn put_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<(), BatchError> {
+        for (index, (id, value)) in entries.iter().enumerate() {
+            self.put_backend(*id, *value)
+                .map_err(|error| BatchError { index, error })?;
+        }
+        Ok(())
+    }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError>;
     /// Writes FRONT_FILTER words from `index` on (see lb-common's `filter`).

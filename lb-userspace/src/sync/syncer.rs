@@ -3,11 +3,13 @@
 //! which entries it wants, so an unchanged one costs a comparison and a change writes only
 //! the entries of the service ports it touches.
 //!
-//! An apply runs in two phases: first every touched service port writes its backends,
-//! tables, source ranges and frontends; then what they no longer want is deleted (frontends
-//! before the ranges, tables and backends they name). A service port's id is handed out
-//! again only after its entries are gone.
+//! An apply runs in two phases: first the touched service ports write their backends (all
+//! of them, in batches), then each its tables and source ranges, then their frontends (in
+//! batches); then what they no longer want is deleted (frontends before the ranges, tables
+//! and backends they name). A service port's id is handed out again only after its
+//! entries are gone.
 
+mod batched;
 mod frontends;
 mod port;
 
@@ -26,6 +28,7 @@ use super::{
     MapStore, SourceRange,
 };
 use crate::desired::{DesiredMaps, DesiredService, ServicePortId};
+use batched::{FrontendWrites, Owner, Touched};
 use frontends::key_slots;
 use port::Port;
 
@@ -224,16 +227,18 @@ impl<S: MapStore> Syncer<S> {
         let mut report = SyncReport::default();
         self.tick();
         self.write_whole_filter(&mut report);
-        let removed = self
+        let removed: Vec<ServicePortId> = self
             .service_ids
             .keys()
-            .filter(|id| !desired.services.contains_key(*id));
+            .filter(|id| !desired.services.contains_key(*id))
+            .cloned()
+            .collect();
         let changed = desired
             .services
             .iter()
             .filter(|(id, svc)| !self.is_applied(id, svc))
             .map(|(id, _)| id);
-        let ports: Vec<ServicePortId> = removed.chain(changed).cloned().collect();
+        let ports: Vec<&ServicePortId> = removed.iter().chain(changed).collect();
         let ips: BTreeSet<Ipv4Addr> = desired
             .cluster_ips
             .iter()
@@ -272,7 +277,7 @@ impl<S: MapStore> Syncer<S> {
         let mut report = SyncReport::default();
         self.tick();
         self.write_whole_filter(&mut report);
-        let ports: Vec<ServicePortId> = ports
+        let owned: Vec<ServicePortId> = ports
             .union(&self.failed)
             .filter(|id| match desired.services.get(*id) {
                 Some(svc) => !self.is_applied(id, svc),
@@ -280,6 +285,7 @@ impl<S: MapStore> Syncer<S> {
             })
             .cloned()
             .collect();
+        let ports: Vec<&ServicePortId> = owned.iter().collect();
         let ips: BTreeSet<Ipv4Addr> = cluster_ips.union(&self.failed_markers).copied().collect();
         let mut pending = Pending::default();
         self.upsert(desired, &ports, &ips, &mut pending, &mut report);
@@ -304,32 +310,42 @@ impl<S: MapStore> Syncer<S> {
             .is_some_and(|p| p.applied.as_ref() == Some(svc))
     }
 
-    /// The first phase: ids, then every service port's entries, then address markers.
+    /// The first phase: ids, then the backends of every service port, their tables and
+    /// source ranges, then their frontends and address markers.
     fn upsert(
         &mut self,
         desired: &DesiredMaps,
-        ports: &[ServicePortId],
+        ports: &[&ServicePortId],
         ips: &BTreeSet<Ipv4Addr>,
         pending: &mut Pending,
         report: &mut SyncReport,
     ) {
         self.assign_service_ids(desired, ports, report);
-        for id in ports {
-            let (Some(svc), Some(&sid)) = (desired.services.get(id), self.service_ids.get(id))
-            else {
-                continue;
-            };
-            self.upsert_port(sid, id, svc, pending, report);
+        let touched: Vec<Touched> = ports
+            .iter()
+            .copied()
+            .filter_map(|id| {
+                let sid = *self.service_ids.get(id)?;
+                let svc = desired.services.get(id)?;
+                self.ports.contains_key(&sid).then_some((sid, id, svc))
+            })
+            .collect();
+        let backends = self.sync_backends(&touched, report);
+        let mut frontends = FrontendWrites::default();
+        let mut ok = Vec::with_capacity(touched.len());
+        for (&port, backends) in touched.iter().zip(backends) {
+            ok.push(self.upsert_port(port, backends, &mut frontends, pending, report));
         }
         for ip in ips.iter().filter(|ip| desired.cluster_ips.contains(ip)) {
             let a = addr::ipv4(ip.octets());
             self.markers.insert(a);
+            self.failed_markers.remove(ip);
             let (key, value) = marker(a);
-            if self.services.get(&key) == Some(&value) || self.put_frontend(key, value, report) {
-                self.failed_markers.remove(ip);
-            } else {
-                self.failed_markers.insert(*ip);
-            }
+            frontends.put(key, value, Owner::Marker(*ip), &self.services);
+        }
+        let failed = self.write_frontends(frontends, report);
+        for (&(sid, id, svc), ok) in touched.iter().zip(ok) {
+            self.finish_port(sid, id, svc, ok && !failed.contains(&sid));
         }
     }
 
@@ -339,11 +355,12 @@ impl<S: MapStore> Syncer<S> {
     fn assign_service_ids(
         &mut self,
         desired: &DesiredMaps,
-        ports: &[ServicePortId],
+        ports: &[&ServicePortId],
         report: &mut SyncReport,
     ) {
         let new: Vec<(&ServicePortId, &DesiredService)> = ports
             .iter()
+            .copied()
             .filter(|id| !self.service_ids.contains_key(*id))
             .filter_map(|id| Some((id, desired.services.get(id)?)))
             .collect();
@@ -395,13 +412,14 @@ impl<S: MapStore> Syncer<S> {
     fn settle(
         &mut self,
         desired: &DesiredMaps,
-        ports: &[ServicePortId],
+        ports: &[&ServicePortId],
         ips: &BTreeSet<Ipv4Addr>,
         mut pending: Pending,
         report: &mut SyncReport,
     ) {
         for id in ports
             .iter()
+            .copied()
             .filter(|id| !desired.services.contains_key(*id))
         {
             self.failed.remove(id);

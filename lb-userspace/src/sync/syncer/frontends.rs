@@ -76,14 +76,7 @@ impl<S: MapStore> Syncer<S> {
         }
         match self.store.put_service(key, value) {
             Ok(()) => {
-                report.writes += 1;
-                self.hold_range(&value);
-                if let Some(old) = self.services.insert(key, value) {
-                    self.release_range(&old);
-                    if changes_flows(&old, &value) {
-                        self.next_generation(old.id, report);
-                    }
-                }
+                self.frontend_written(key, value, report);
                 true
             }
             Err(e) => {
@@ -92,6 +85,23 @@ impl<S: MapStore> Syncer<S> {
                     self.retire(&slots, report);
                 }
                 false
+            }
+        }
+    }
+
+    /// Records an entry the map now holds.
+    pub(super) fn frontend_written(
+        &mut self,
+        key: ServiceKey,
+        value: ServiceValue,
+        report: &mut SyncReport,
+    ) {
+        report.writes += 1;
+        self.hold_range(&value);
+        if let Some(old) = self.services.insert(key, value) {
+            self.release_range(&old);
+            if changes_flows(&old, &value) {
+                self.next_generation(old.id, report);
             }
         }
     }
@@ -117,7 +127,7 @@ impl<S: MapStore> Syncer<S> {
         }
     }
 
-    fn slots(&self, key: &ServiceKey) -> Vec<u32> {
+    pub(super) fn slots(&self, key: &ServiceKey) -> Vec<u32> {
         key_slots(key, &self.node_addresses)
     }
 

@@ -1,14 +1,15 @@
-//! One service port's entries: backends, Maglev tables, source ranges and frontends, in
-//! the order in which no packet finds an entry naming something not written yet.
+//! One service port's entries once its backends are written: Maglev tables, source ranges
+//! and frontends, in the order in which no packet finds an entry naming something not
+//! written yet.
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Instant};
 
-use lb_common::{
-    addr, backend_flags, backend_state, capacity, maps, service_flags, BackendValue, ServiceKey,
-    ServiceValue,
-};
+use lb_common::{addr, backend_state, capacity, maps, service_flags, ServiceKey, ServiceValue};
 
-use super::{frontend_key, MapError, MapStore, Pending, Range, SourceRange, SyncReport, Syncer};
+use super::{
+    batched::{FrontendWrites, Owner, PortBackends, Touched},
+    frontend_key, MapError, MapStore, Pending, Range, SourceRange, SyncReport, Syncer,
+};
 use crate::{
     desired::{DesiredFrontend, DesiredService, ServicePortId},
     maglev,
@@ -66,25 +67,26 @@ struct Table {
 }
 
 impl<S: MapStore> Syncer<S> {
-    /// Writes what service port `sid` wants for `svc`; what it wanted before and no longer
-    /// does goes to `pending`.
+    /// Writes what service port `sid` wants for `svc` once its backends are written, and
+    /// asks for its frontends; what it wanted before and no longer does goes to `pending`.
+    /// False when an entry could not be written.
     pub(super) fn upsert_port(
         &mut self,
-        sid: u32,
-        id: &ServicePortId,
-        svc: &DesiredService,
+        (sid, id, svc): Touched,
+        backends: PortBackends,
+        frontends: &mut FrontendWrites,
         pending: &mut Pending,
         report: &mut SyncReport,
-    ) {
-        let Some(port) = self.ports.get_mut(&sid) else {
-            return;
+    ) -> bool {
+        // Nothing reads the service port until it is put back below.
+        let Some(before) = self.ports.remove(&sid) else {
+            return false;
         };
-        let before = std::mem::replace(port, Port::new(id.clone()));
         for (_, value) in &before.frontends {
             self.release_range(value);
         }
-        let (ids, mut ok) = self.sync_backends(sid, id.protocol, svc, report);
-        let mut after = Port::new(id.clone());
+        let PortBackends { ids, mut ok } = backends;
+        let mut after = Port::new(before.id);
         if ok {
             for f in &svc.frontends {
                 let input = Input {
@@ -138,17 +140,27 @@ impl<S: MapStore> Syncer<S> {
         for (key, _) in &after.frontends {
             self.claim(*key, sid);
         }
-        let entries = after.frontends.clone();
-        for (_, value) in &entries {
+        for (_, value) in &after.frontends {
             self.hold_range(value);
         }
         self.ports.insert(sid, after);
-        for (key, value) in entries {
-            let wins = self.winner(&key).is_some_and(|(w, _)| w == sid);
-            if wins && self.services.get(&key) != Some(&value) {
-                ok &= self.put_frontend(key, value, report);
+        for (key, value) in &self.ports[&sid].frontends {
+            let wins = self.winner(key).is_some_and(|(w, _)| w == sid);
+            if wins {
+                frontends.put(*key, *value, Owner::Port(sid), &self.services);
             }
         }
+        ok
+    }
+
+    /// Records whether service port `sid` was written in full, once its frontends are.
+    pub(super) fn finish_port(
+        &mut self,
+        sid: u32,
+        id: &ServicePortId,
+        svc: &DesiredService,
+        ok: bool,
+    ) {
         if ok {
             if let Some(port) = self.ports.get_mut(&sid) {
                 port.applied = Some(svc.clone());
@@ -164,53 +176,6 @@ impl<S: MapStore> Syncer<S> {
             port.applied = None;
             self.failed.insert(port.id.clone());
         }
-    }
-
-    /// Writes the backends of one service port; returns their ids in the service's order
-    /// and false when one could not be written (the ids then name what was written).
-    fn sync_backends(
-        &mut self,
-        sid: u32,
-        protocol: u8,
-        svc: &DesiredService,
-        report: &mut SyncReport,
-    ) -> (Vec<u32>, bool) {
-        let mut ids = Vec::with_capacity(svc.backends.len());
-        for b in &svc.backends {
-            let (a, p) = (addr::ipv4(b.addr.octets()), addr::port(b.port));
-            let key = (sid, a, p, protocol);
-            let (id, fresh) = match self.backend_ids.get(&key) {
-                Some(id) => (*id, false),
-                None => {
-                    let Some(id) = self.free_backend_ids.alloc() else {
-                        report.fail("backend", MapError::Full(maps::BACKENDS));
-                        return (ids, false);
-                    };
-                    self.backend_ids.insert(key, id);
-                    (id, true)
-                }
-            };
-            let flags = if b.local { backend_flags::LOCAL } else { 0 };
-            let value = BackendValue::new(a, p, protocol, b.state, sid, flags);
-            if self.backends.get(&id) != Some(&value) {
-                match self.store.put_backend(id, value) {
-                    Ok(()) => {
-                        report.writes += 1;
-                        self.backends.insert(id, value);
-                    }
-                    Err(e) => {
-                        report.fail(&format!("backend {}:{}", b.addr, b.port), e);
-                        if fresh {
-                            self.backend_ids.remove(&key);
-                            self.free_backend_ids.release(id);
-                        }
-                        return (ids, false);
-                    }
-                }
-            }
-            ids.push(id);
-        }
-        (ids, true)
     }
 
     /// The entry of one frontend; `None` when its table could not be written.
@@ -289,14 +254,13 @@ impl<S: MapStore> Syncer<S> {
             port.tables.push(t.clone());
             return Some((t.offset, t.len));
         }
-        let names: Vec<String> = members
+        let backends = members
             .iter()
-            .map(|&(_, a, p)| format!("{}:{p}", Ipv4Addr::from(addr::ipv4_octets(a))))
-            .collect();
-        let table: Vec<u32> = maglev::table(&names, len)
-            .iter()
-            .map(|&i| members[i as usize].0)
-            .collect();
+            .map(|&(_, a, p)| (Ipv4Addr::from(addr::ipv4_octets(a)), p));
+        let mut table = maglev::table(backends, len);
+        for slot in &mut table {
+            *slot = members[*slot as usize].0;
+        }
         // A recovered range, or another frontend's of this service port (backend ids
         // belong to one service port, so no other's table can match), may hold it already.
         let current = std::iter::once(*key).chain(

@@ -524,3 +524,100 @@ fn a_frontend_that_goes_or_changes_moves_its_service_id_to_the_next_generation()
     s.apply(&d);
     assert_eq!(generation(&s), 2, "the ClusterIP's policy changed");
 }
+
+#[test]
+fn every_backend_is_written_before_any_frontend() {
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    s.apply(&desired(&[
+        ("a", 1, &[1, 2]),
+        ("b", 2, &[3]),
+        ("c", 3, &[4, 5]),
+    ]));
+    let log = &s.store().log;
+    let last_backend = log.iter().rposition(|l| l.starts_with("put_backend"));
+    let first_frontend = log.iter().position(|l| l.starts_with("put_service"));
+    assert!(last_backend < first_frontend, "{log:?}");
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("put_backend")).count(),
+        5
+    );
+}
+
+#[test]
+fn a_backend_that_does_not_fit_fails_its_service_port_alone() {
+    let maps = MemoryMaps {
+        backend_capacity: 3,
+        ..Default::default()
+    };
+    let mut s = Syncer::recover(maps, Config::default()).unwrap();
+    let d = desired(&[("a", 1, &[1]), ("b", 2, &[2, 3, 4, 5])]);
+    let r = s.apply(&d);
+    assert_eq!((r.map_full, r.errors.len()), (1, 1), "{r:?}");
+    assert!(r.errors[0].contains("10.0.0.4:8080"), "{r:?}");
+    let written: Vec<&String> = s
+        .store()
+        .log
+        .iter()
+        .filter(|l| l.starts_with("put_backend"))
+        .collect();
+    assert_eq!(
+        written.len(),
+        3,
+        "b stops at the backend that failed: {written:?}"
+    );
+    assert_eq!(entry(&s, 1).backend_count, 1);
+    let b_frontend = ServiceKey::new(
+        addr::ipv4([10, 96, 0, 2]),
+        addr::port(80),
+        lb_common::proto::TCP,
+        scope::INTERNAL,
+    );
+    assert!(!s.store().services.contains_key(&b_frontend));
+    // b is withdrawn: the backends it wrote are deleted, the ids of all of them free.
+    assert_eq!(s.store().backends.len(), 1);
+    assert_eq!(s.backend_ids.len(), 1);
+    assert!(s.failed.contains(&id("b")));
+}
+
+/// A service port that sorts before "b" and already has an entry of its own, so that a
+/// restarted syncer gives it back its id.
+fn sharing_after_restart(shared: bool) -> DesiredMaps {
+    let mut d = desired(&[("a", 1, &[1]), ("b", 2, &[2])]);
+    let external = |svc: &DesiredService| DesiredFrontend {
+        addr: Ipv4Addr::new(192, 0, 2, 99),
+        port: 80,
+        scope: scope::EXTERNAL,
+        kind: kind::EXTERNAL_IP,
+        local_policy: false,
+        filter_sources: false,
+        dsr: false,
+        selection: (0..svc.backends.len()).collect(),
+    };
+    let names: &[&str] = if shared { &["a", "b"] } else { &["b"] };
+    for name in names {
+        let svc = d.services.get_mut(&id(name)).unwrap();
+        let f = external(svc);
+        svc.frontends.push(f);
+    }
+    d
+}
+
+#[test]
+fn a_frontend_shared_since_a_restart_holds_the_greatest_claimant() {
+    let mut s = Syncer::recover(MemoryMaps::default(), Config::default()).unwrap();
+    s.apply(&sharing_after_restart(false));
+    let key = ServiceKey::new(
+        addr::ipv4([192, 0, 2, 99]),
+        addr::port(80),
+        lb_common::proto::TCP,
+        scope::EXTERNAL,
+    );
+    let b = s.store().services[&key];
+    // "a" asks for b's externalIP while no agent runs: the restarted one writes a's entry
+    // first (nobody else claims the key yet), then b's, which the map held before.
+    let mut again = Syncer::recover(s.store().clone(), Config::default()).unwrap();
+    let r = again.apply(&sharing_after_restart(true));
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(again.service_ids()[&id("b")], b.id);
+    assert_eq!(again.store().services[&key], b);
+}
