@@ -374,6 +374,16 @@ const fn backend(id: u32, addr: Ipv4Addr, port: u16) -> Backend {
 
 const MAGLEV_LEN: u32 = capacity::MAGLEV_LADDER[0];
 
+/// The SERVICES key of a frontend (address and port in host order).
+fn frontend_key(frontend: (Ipv4Addr, u16), proto_nr: u8, scope_nr: u8) -> ServiceKey {
+    ServiceKey::new(
+        addr::ipv4(frontend.0.octets()),
+        addr::port(frontend.1),
+        proto_nr,
+        scope_nr,
+    )
+}
+
 impl Datapath {
     fn load() -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -450,12 +460,7 @@ impl Datapath {
     /// Removes a frontend entry as the agent does: the entry, then its filter slots when no
     /// other frontend falls on them, then the service id's next generation.
     fn remove_frontend(&mut self, frontend: (Ipv4Addr, u16), proto_nr: u8, scope_nr: u8) {
-        let key = ServiceKey::new(
-            addr::ipv4(frontend.0.octets()),
-            addr::port(frontend.1),
-            proto_nr,
-            scope_nr,
-        );
+        let key = frontend_key(frontend, proto_nr, scope_nr);
         let mut services = self.hash::<ServiceKey, ServiceValue>(maps::SERVICES);
         let id = services.get(&key, 0).expect("the frontend").id;
         services.remove(&key).unwrap();
@@ -543,12 +548,7 @@ impl Datapath {
                 )
                 .unwrap();
         }
-        let key = ServiceKey::new(
-            addr::ipv4(frontend.0.octets()),
-            addr::port(frontend.1),
-            proto_nr,
-            scope_nr,
-        );
+        let key = frontend_key(frontend, proto_nr, scope_nr);
         let value = ServiceValue::new(id, flags, kind_nr, offset, len, backends.len() as u32, 0);
         self.admit(&key);
         self.hash::<ServiceKey, ServiceValue>(maps::SERVICES)

@@ -160,8 +160,9 @@ impl<S: MapStore> Syncer<S> {
         let FrontendWrites {
             entries, owners, ..
         } = writes;
-        // New keys are let through the filter before any is written, as `put_frontend`
-        // does, and filtered out again if none of their writes succeeded.
+        // New keys are let through the filter before any is written, so that an entry is
+        // never there but filtered out, and filtered out again if no write of theirs
+        // succeeded.
         let mut new_keys = BTreeSet::new();
         for (key, _) in &entries {
             if !self.services.contains_key(key) && new_keys.insert(*key) {

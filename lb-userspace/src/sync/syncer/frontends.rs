@@ -7,7 +7,10 @@ use std::collections::BTreeSet;
 
 use lb_common::{filter, ServiceKey, ServiceValue};
 
-use super::{MapStore, Pending, SyncReport, Syncer};
+use super::{
+    batched::{FrontendWrites, Owner},
+    MapStore, Pending, SyncReport, Syncer,
+};
 
 impl<S: MapStore> Syncer<S> {
     pub(super) fn claim(&mut self, key: ServiceKey, sid: u32) {
@@ -53,38 +56,11 @@ impl<S: MapStore> Syncer<S> {
         match self.winner(&key) {
             None => self.delete_frontend(key, report),
             Some((sid, value)) => {
-                if self.services.get(&key) != Some(&value) && !self.put_frontend(key, value, report)
-                {
+                let mut writes = FrontendWrites::default();
+                writes.put(key, value, Owner::Port(sid), &self.services);
+                for sid in self.write_frontends(writes, report) {
                     self.mark_failed(sid);
                 }
-            }
-        }
-    }
-
-    /// Writes a frontend entry. A new key is let through the filter first, so that the
-    /// entry is never there but filtered out.
-    pub(super) fn put_frontend(
-        &mut self,
-        key: ServiceKey,
-        value: ServiceValue,
-        report: &mut SyncReport,
-    ) -> bool {
-        let new = !self.services.contains_key(&key);
-        let slots = self.slots(&key);
-        if new {
-            self.admit(&slots, report);
-        }
-        match self.store.put_service(key, value) {
-            Ok(()) => {
-                self.frontend_written(key, value, report);
-                true
-            }
-            Err(e) => {
-                report.fail(&format!("frontend {key:?}"), e);
-                if new {
-                    self.retire(&slots, report);
-                }
-                false
             }
         }
     }
