@@ -26,6 +26,8 @@ pub const SNAT: u32 = 131_072;
 /// Packets XDP handed to TC because their next hop's neighbour was not resolved yet; each
 /// entry lives from XDP_PASS to the same packet's TC ingress, so few are ever in use.
 pub const NEIGH_PENDING: u32 = 1_024;
+/// Pod interfaces on one node; kubelet's default limit is 110 pods.
+pub const POD_IFACES: u32 = 4_096;
 /// Service ports: per-service counters are indexed by service id, so this is also the id
 /// space. Kept apart from SERVICES: per-CPU arrays cost this many entries on every CPU.
 pub const SERVICE_STATS: u32 = 65_536;

@@ -27,6 +27,9 @@ pub const FRONTEND_FILTER: &str = "FRONT_FILTER";
 /// A generation per service id, changed whenever one of its frontends goes or changes, so
 /// that conntrack entries made under the old frontends are confirmed again.
 pub const SERVICE_GENERATIONS: &str = "SVC_GEN";
+/// The host-side pod interfaces the agent attached to, by index: where host routing may
+/// hand a packet straight to the pod (`bpf_redirect_peer`).
+pub const POD_IFACES: &str = "POD_IFACES";
 
 /// `BPF_F_MMAPABLE` (Linux 5.5): the agent writes Maglev tables through a shared mapping
 /// of MAGLEV instead of one syscall per slot.
@@ -37,7 +40,7 @@ pub const fn array_stride(value_size: usize) -> usize {
 }
 
 /// Every map the programs declare, in the order `lb reset` and layout checks walk them.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 22] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -59,4 +62,5 @@ pub const ALL: [&str; 21] = [
     SERVICE_DROPS,
     FRONTEND_FILTER,
     SERVICE_GENERATIONS,
+    POD_IFACES,
 ];

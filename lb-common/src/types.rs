@@ -228,6 +228,20 @@ pub mod ct_flags {
     /// Made by a pod's packet (TC): only packets from pods take the path that skips the
     /// frontend, so that one from outside with the same tuple meets its scope's frontends.
     pub const INTERNAL: u8 = 1 << 4;
+    /// Host routing: the flow's packets go between the pod's interface and the client's
+    /// (a pod's, or the uplink) by the programs, in both directions, past the node's
+    /// stack and its netfilter. Cleared when a packet of the flow could not be routed so,
+    /// so that both directions then take the stack.
+    pub const DIRECT: u8 = 1 << 5;
+}
+
+/// [`Config::host_routing`] bits: which hooks may route translated flows to a local
+/// backend past the node's stack.
+pub mod host_routing {
+    /// TC on pod interfaces (pod to service, and every reply from a local backend).
+    pub const PODS: u32 = 1 << 0;
+    /// XDP on uplinks, set only where XDP redirects to a veth reliably (generic mode).
+    pub const UPLINKS: u32 = 1 << 1;
 }
 
 /// TCP state tracked per flow, which chooses the entry's lifetime.
@@ -473,7 +487,8 @@ pub struct Config {
     pub other_s: u32,
     /// The source a hairpinned flow gets (wire order); 0 means [`DEFAULT_HAIRPIN_ADDR`].
     pub hairpin_addr: u32,
-    _pad: u32,
+    /// [`host_routing`] bits; 0 (the default) hands every translated packet to the stack.
+    pub host_routing: u32,
 }
 
 /// Cilium's service-loopback address, 169.254.42.1: link-local, so no pod or node owns it.
@@ -495,7 +510,7 @@ impl Config {
             udp_s,
             other_s,
             hairpin_addr: DEFAULT_HAIRPIN_ADDR,
-            _pad: 0,
+            host_routing: 0,
         }
     }
 }

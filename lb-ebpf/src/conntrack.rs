@@ -261,6 +261,19 @@ pub fn create(flow: &Flow, service_id: u32, backend: &Choice, flags: u8, snat_po
     let _ = CONNTRACK.insert(&key_of(flow), &fwd, 0);
 }
 
+/// Takes a direct flow (ct_flags::DIRECT) back to the stack, in both directions: the
+/// forward entry under the client's tuple and the reply entry under the backend's
+/// (`addr`, `port`).
+#[inline(always)]
+pub fn demote(flow: &Flow, addr: u32, port: u16) {
+    let rev_key = CtKey::new(addr, flow.src, port, flow.sport, flow.proto);
+    for key in [key_of(flow), rev_key] {
+        if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+            unsafe { (*ct).flags &= !ct_flags::DIRECT };
+        }
+    }
+}
+
 /// The frontend to restore as the source of a reply (address, port, service id, flags),
 /// if the packet is a reply of a translated flow. `client` is the flow's client as it sent
 /// its packets (address, port). A reply establishes an opening TCP flow.

@@ -29,14 +29,14 @@ use crate::{
 
 const AF_INET: u8 = 2;
 /// `BPF_FIB_LKUP_RET_FRAG_NEEDED` (uapi/linux/bpf.h), which the BPF-target bindings lack.
-const FIB_FRAG_NEEDED: u32 = 8;
+pub const FIB_FRAG_NEEDED: u32 = 8;
 /// How long after XDP's last note TC still looks for notes. A noted packet reaches TC
 /// ingress in the same softirq, or from a backlog queue shortly after; this leaves a wide
 /// margin for that and for the per-CPU clock readings being a tick apart.
 const NOTE_WINDOW_NS: u64 = 1_000_000_000;
 /// Decrements the TTL with an incremental checksum update; None when it has run out.
 #[inline(always)]
-fn decrement_ttl(data: usize, data_end: usize, l3: usize) -> Option<()> {
+pub fn decrement_ttl(data: usize, data_end: usize, l3: usize) -> Option<()> {
     let word: *mut [u8; 2] = ptr_at(data, data_end, l3 + 8)?;
     let check: *mut u16 = ptr_at(data, data_end, l3 + 10)?;
     unsafe {
@@ -60,7 +60,41 @@ fn decrement_ttl(data: usize, data_end: usize, l3: usize) -> Option<()> {
 /// its parameters, holding the egress interface and MACs.
 #[inline(always)]
 pub fn lookup(ctx: &XdpContext, flow: &Flow) -> Option<(u32, bpf_fib_lookup)> {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    lookup_in(
+        ctx.ctx.cast(),
+        ctx.data(),
+        ctx.data_end(),
+        flow,
+        ifindex,
+        true,
+    )
+}
+
+/// [`lookup`] from TC. The packet's length is left for the kernel to check, which knows
+/// how a GSO packet will be cut.
+#[inline(always)]
+pub fn tc_lookup(ctx: &TcContext, flow: &Flow) -> Option<(u32, bpf_fib_lookup)> {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    lookup_in(
+        ctx.skb.skb.cast(),
+        ctx.data(),
+        ctx.data_end(),
+        flow,
+        ifindex,
+        false,
+    )
+}
+
+#[inline(always)]
+fn lookup_in(
+    ctx: *mut core::ffi::c_void,
+    data: usize,
+    data_end: usize,
+    flow: &Flow,
+    ifindex: u32,
+    with_len: bool,
+) -> Option<(u32, bpf_fib_lookup)> {
     let tot_len: *const u16 = ptr_at(data, data_end, flow.l3_off + 2)?;
     let tos: *const u8 = ptr_at(data, data_end, flow.l3_off + 1)?;
     let src: *const u32 = ptr_at(data, data_end, flow.l3_off + 12)?;
@@ -72,14 +106,27 @@ pub fn lookup(ctx: &XdpContext, flow: &Flow) -> Option<(u32, bpf_fib_lookup)> {
         crate::bytes::zero(pp);
         (*pp).family = AF_INET;
         (*pp).l4_protocol = flow.proto;
-        (*pp).__bindgen_anon_1.tot_len = u16::from_be(tot_len.read_unaligned());
+        if with_len {
+            (*pp).__bindgen_anon_1.tot_len = u16::from_be(tot_len.read_unaligned());
+        }
         (*pp).__bindgen_anon_2.tos = *tos;
         (*pp).__bindgen_anon_3.ipv4_src = src.read_unaligned();
         (*pp).__bindgen_anon_4.ipv4_dst = dst.read_unaligned();
-        (*pp).ifindex = (*ctx.ctx).ingress_ifindex;
-        fib_lookup(ctx.ctx as *mut _, pp, size_of::<bpf_fib_lookup>() as i32, 0)
+        (*pp).ifindex = ifindex;
+        fib_lookup(ctx, pp, size_of::<bpf_fib_lookup>() as i32, 0)
     };
     Some((rc as u32, unsafe { p.assume_init() }))
+}
+
+/// Sets the frame's MACs to the ones the FIB named.
+#[inline(always)]
+pub fn set_macs(data: usize, data_end: usize, p: &bpf_fib_lookup) -> Option<()> {
+    let eth = ptr_at::<[u8; 12]>(data, data_end, 0)?;
+    unsafe {
+        crate::bytes::copy::<6>(eth.cast(), p.dmac.as_ptr());
+        crate::bytes::copy::<6>(eth.cast::<u8>().add(6), p.smac.as_ptr());
+    }
+    Some(())
 }
 
 /// Sends a translated packet on from XDP; the XDP action.
@@ -101,13 +148,9 @@ pub fn xdp_send(ctx: &XdpContext, flow: &Flow) -> u32 {
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
         return pass_to_tc(ctx, flow, p.ifindex);
     }
-    let Some(eth) = ptr_at::<[u8; 12]>(ctx.data(), ctx.data_end(), 0) else {
+    if set_macs(ctx.data(), ctx.data_end(), &p).is_none() {
         count_drop(drop_reason::MALFORMED);
         return xdp_action::XDP_DROP;
-    };
-    unsafe {
-        crate::bytes::copy::<6>(eth.cast(), p.dmac.as_ptr());
-        crate::bytes::copy::<6>(eth.cast::<u8>().add(6), p.smac.as_ptr());
     }
     if p.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
         xdp_action::XDP_TX
@@ -130,7 +173,7 @@ fn datagram(data: usize, data_end: usize, l3: usize) -> Option<FragKey> {
 }
 
 #[inline(always)]
-fn pass_to_tc(ctx: &XdpContext, flow: &Flow, ifindex: u32) -> u32 {
+pub fn pass_to_tc(ctx: &XdpContext, flow: &Flow, ifindex: u32) -> u32 {
     let noted = datagram(ctx.data(), ctx.data_end(), flow.l3_off)
         .is_some_and(|key| NEIGH_PENDING.insert(&key, &ifindex, 0).is_ok());
     if !noted {

@@ -12,6 +12,7 @@ mod csum;
 mod dsr;
 mod fib;
 mod fragments;
+mod host_routing;
 mod icmp_error;
 mod maps;
 mod mss;
@@ -56,6 +57,9 @@ enum Outcome {
     Fib(u32),
     /// To be tunnelled, untranslated, to this backend (address, port) on another node.
     Tunnel(u32, u16, u32),
+    /// Translated, for this local backend (address, port), to be sent to its pod past the
+    /// node's stack (host routing).
+    Direct(u32, u16),
     Reject(u32),
     /// Dropped; the reason (and the service, when known) are counted already.
     Drop,
@@ -168,6 +172,7 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
                 Route::Hairpin => Outcome::Hairpin(service),
                 Route::Fib => Outcome::Fib(service),
                 Route::Tunnel => Outcome::Tunnel(addr, port, service),
+                Route::Direct => Outcome::Direct(addr, port),
             }
         }
         Forward::Reject { service } => {
@@ -280,6 +285,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match forward(&ctx, &flow, scope::EXTERNAL, bytes) {
         // Hairpin needs a pod as the client: it never happens on an uplink.
         Outcome::Pass | Outcome::Translated | Outcome::Hairpin(_) => xdp_action::XDP_PASS,
+        Outcome::Direct(addr, port) => host_routing::xdp_to_pod(&ctx, &flow, addr, port),
         Outcome::Fib(service) => {
             // The reason (no route, MTU) is counted where the FIB said so.
             let action = fib::xdp_send(&ctx, &flow);
@@ -359,6 +365,7 @@ fn tc_verdict(outcome: Outcome, ctx: &TcContext, flow: &Flow, bytes: u64) -> i32
     match outcome {
         // SNAT and DSR flows are only made by XDP, which sends them itself.
         Outcome::Pass | Outcome::Translated | Outcome::Fib(_) | Outcome::Tunnel(..) => TC_ACT_OK,
+        Outcome::Direct(addr, port) => host_routing::tc_to_pod(ctx, flow, addr, port),
         Outcome::Hairpin(service) => {
             if reject::swap_macs(ctx.data(), ctx.data_end()).is_none() {
                 count_drop(drop_reason::REWRITE_FAILED);
@@ -427,6 +434,12 @@ pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let bytes = ctx.len() as u64;
+    // A local backend's reply on a flow host routing carries goes back the same way.
+    if translates(&flow) && !flow.later_fragment && host_routing::allowed(host_routing::ANY) {
+        if let Some(action) = host_routing::tc_reply(&ctx, &flow, bytes) {
+            return action;
+        }
+    }
     let outcome = forward(&ctx, &flow, scope::INTERNAL, bytes);
     tc_verdict(outcome, &ctx, &flow, bytes)
 }

@@ -55,6 +55,9 @@ pub static FRONT_FILTER: Array<u64> = Array::pinned(filter::WORDS, lb_common::ma
 /// Each service id's generation (see lb-common's `maps::SERVICE_GENERATIONS`); mappable.
 #[map]
 pub static SVC_GEN: Array<u32> = Array::pinned(capacity::SERVICE_STATS, lb_common::maps::MMAPABLE);
+/// Host-side pod interfaces by index (see lb-common's `maps::POD_IFACES`).
+#[map]
+pub static POD_IFACES: HashMap<u32, u32> = HashMap::pinned(capacity::POD_IFACES, 0);
 #[map]
 pub static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::SERVICE_STATS, 0);
 #[map]

@@ -2,10 +2,10 @@
 //! dropped, an existing flow keeps its backend, a new one goes to its client's affine
 //! backend or gets the Maglev choice, a service without backends rejects or drops.
 
-use lb_common::{ct_flags, scope, service_flags, stats::drop_reason};
+use lb_common::{ct_flags, host_routing, scope, service_flags, stats::drop_reason};
 
 use crate::{
-    affinity, clock, conntrack,
+    affinity, clock, conntrack, host_routing as routing,
     parse::Flow,
     select::{frontend, known_cluster_ip, maybe_frontend, select},
     snat, source_range,
@@ -22,6 +22,8 @@ pub enum Route {
     Fib,
     /// Untranslated, in a tunnel to the backend's node (DSR).
     Tunnel,
+    /// Straight to the local backend's pod, past the node's stack (host routing).
+    Direct,
 }
 
 pub enum Forward {
@@ -123,6 +125,8 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
                 }
             }
         }
+    } else if backend.local && routing::allowed(routing_bit(scope_nr)) {
+        (ct_flags::DIRECT, 0)
     } else {
         (0, 0)
     };
@@ -135,6 +139,16 @@ pub fn forward(flow: &Flow, scope_nr: u8) -> Forward {
         service: svc.id,
         snat,
         route,
+    }
+}
+
+/// The host_routing bit of the hook that handles `scope_nr`'s packets.
+#[inline(always)]
+fn routing_bit(scope_nr: u8) -> u32 {
+    if scope_nr == scope::INTERNAL {
+        host_routing::PODS
+    } else {
+        host_routing::UPLINKS
     }
 }
 
@@ -173,6 +187,8 @@ fn translation(flow: &Flow, flags: u8, snat_port: u16) -> (Option<(u32, u16)>, R
         (Some((snat::addr(), snat_port)), Route::Fib)
     } else if flags & ct_flags::DSR != 0 {
         (None, Route::Tunnel)
+    } else if flags & ct_flags::DIRECT != 0 {
+        (None, Route::Direct)
     } else {
         (None, Route::Stack)
     }

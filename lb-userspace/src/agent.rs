@@ -1,6 +1,7 @@
 //! The node agent: keeps the data path in step with the API server or the manifests.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
@@ -10,7 +11,7 @@ use std::{
 use anyhow::Context;
 
 use crate::{
-    cli::{AgentArgs, Source},
+    cli::{AgentArgs, HostRouting, Source},
     controller::Controller,
     datapath::Datapath,
     health::{self, Health},
@@ -99,12 +100,21 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         Source::Files(_) => None,
     };
     let mut dp = Datapath::load(&args.pins.bpffs)?;
+    let mut all_generic = true;
     for iface in &uplinks {
         let mode = dp.attach_xdp(iface, args.xdp_mode)?;
+        all_generic &= mode == "generic";
         dp.attach_tc(iface, "lb_uplink_ingress", false)?;
         dp.attach_tc(iface, "lb_uplink_egress", true)?;
         tracing::info!(iface, xdp_mode = %mode, "attached uplink");
     }
+    config.host_routing = host_routing_bits(args.host_routing, all_generic);
+    tracing::info!(
+        host_routing = ?args.host_routing,
+        from_pods = config.host_routing & lb_common::host_routing::PODS != 0,
+        from_uplinks = config.host_routing & lb_common::host_routing::UPLINKS != 0,
+        "host routing"
+    );
     let node = node_context(&args, &uplinks)?;
     tracing::info!(node = %node.node_name, addresses = ?node.node_addresses, "node");
     configure_snat(&dp, &args, &node)?;
@@ -262,6 +272,18 @@ pub(crate) fn release_free_memory() {
     }
 }
 
+/// CONFIG's host_routing bits. From uplinks only when every uplink's XDP is generic: a
+/// native XDP redirect into a pod's veth is dropped unless the pod's side has GRO or an
+/// XDP program, which the agent does not control.
+fn host_routing_bits(wanted: HostRouting, uplinks_generic: bool) -> u32 {
+    use lb_common::host_routing::{PODS, UPLINKS};
+    match (wanted, uplinks_generic) {
+        (HostRouting::Stack, _) => 0,
+        (HostRouting::Bpf, true) => PODS | UPLINKS,
+        (HostRouting::Bpf, false) => PODS,
+    }
+}
+
 /// Flows from outside to backends on other nodes leave with the node's first address.
 fn configure_snat(dp: &Datapath, args: &AgentArgs, node: &NodeContext) -> anyhow::Result<()> {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
@@ -282,30 +304,51 @@ fn configure_snat(dp: &Datapath, args: &AgentArgs, node: &NodeContext) -> anyhow
 }
 
 /// Attaches the pod programs to every interface that matches a pattern and is not attached
-/// yet (pods come and go while the agent runs). False when an interface is left unattached.
+/// yet (pods come and go while the agent runs), and tells the programs which interfaces
+/// are pods'. False when something is left undone.
 fn attach_pods(dp: &mut Datapath, patterns: &[String], uplinks: &[String]) -> bool {
     let Ok(all) = interfaces::list() else {
         return false;
     };
     dp.forget_missing(&all.keys().filter_map(|n| interfaces::index(n)).collect());
     let mut complete = true;
+    let mut pods = BTreeSet::new();
     for name in all.keys() {
         if uplinks.contains(name) || !patterns.iter().any(|p| interfaces::glob_match(p, name)) {
             continue;
         }
-        if dp.is_attached(name, "tc-ingress") && dp.is_attached(name, "tc-egress") {
-            continue;
-        }
-        let result = dp
-            .attach_tc(name, "lb_pod_ingress", false)
-            .and_then(|()| dp.attach_tc(name, "lb_pod_egress", true));
-        match result {
-            Ok(()) => tracing::info!(iface = %name, "attached pod interface"),
-            Err(e) => {
-                complete = false;
-                tracing::warn!(iface = %name, error = %format!("{e:#}"), "attach failed");
+        if !(dp.is_attached(name, "tc-ingress") && dp.is_attached(name, "tc-egress")) {
+            let result = dp
+                .attach_tc(name, "lb_pod_ingress", false)
+                .and_then(|()| dp.attach_tc(name, "lb_pod_egress", true));
+            match result {
+                Ok(()) => tracing::info!(iface = %name, "attached pod interface"),
+                Err(e) => {
+                    complete = false;
+                    tracing::warn!(iface = %name, error = %format!("{e:#}"), "attach failed");
+                    continue;
+                }
             }
         }
+        pods.extend(interfaces::index(name));
+    }
+    if let Err(e) = dp.set_pod_ifaces(&pods) {
+        complete = false;
+        tracing::warn!(error = %format!("{e:#}"), "pod interfaces not recorded for host routing");
     }
     complete
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::host_routing::{PODS, UPLINKS};
+
+    use super::{host_routing_bits, HostRouting};
+
+    #[test]
+    fn host_routing_from_uplinks_only_over_generic_xdp() {
+        assert_eq!(host_routing_bits(HostRouting::Stack, true), 0);
+        assert_eq!(host_routing_bits(HostRouting::Bpf, true), PODS | UPLINKS);
+        assert_eq!(host_routing_bits(HostRouting::Bpf, false), PODS);
+    }
 }

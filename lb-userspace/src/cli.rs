@@ -115,10 +115,24 @@ pub struct AgentArgs {
     /// backend (hairpin). Link-local, so that no pod or node owns it.
     #[arg(long, default_value = "169.254.42.1")]
     pub service_loopback_address: Ipv4Addr,
+    /// How translated flows between a local backend and its client cross the node: `stack`
+    /// (through the node's routing and netfilter, like kube-proxy) or `bpf` (the programs
+    /// hand each packet straight to the pod's interface or the uplink, in both directions,
+    /// as Cilium's BPF host routing does: faster, but the node's FORWARD chain, and
+    /// iptables-based NetworkPolicy with it, no longer sees those flows). From outside, `bpf`
+    /// applies where the uplink's XDP is generic (veth uplinks); native XDP uses the stack.
+    #[arg(long, value_enum, default_value_t = HostRouting::Stack)]
+    pub host_routing: HostRouting,
     /// The cgroup v2 directory the socket hooks attach to. Default: the root of the cgroup
     /// v2 hierarchy (mounted under /run/lb when the machine has none).
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostRouting {
+    Stack,
+    Bpf,
 }
 
 /// Conntrack lifetimes, refreshed by traffic. Defaults are Cilium's.
@@ -289,6 +303,8 @@ mod tests {
             "--socket-lb=false",
             "--cgroup",
             "/sys/fs/cgroup/lb",
+            "--host-routing",
+            "bpf",
         ])
         .unwrap();
         let Command::Agent(a) = cli.command else {
@@ -301,6 +317,7 @@ mod tests {
         assert_eq!(a.pins.bpffs, PathBuf::from("/sys/fs/bpf/x"));
         assert!(!a.socket_lb);
         assert_eq!(a.cgroup, Some(PathBuf::from("/sys/fs/cgroup/lb")));
+        assert_eq!(a.host_routing, HostRouting::Bpf);
     }
 
     #[test]
@@ -322,6 +339,11 @@ mod tests {
             lb_common::DEFAULT_HAIRPIN_ADDR
         );
         assert_eq!(a.cgroup, None);
+        assert_eq!(
+            a.host_routing,
+            HostRouting::Stack,
+            "the node's netfilter sees every flow"
+        );
     }
 
     #[test]

@@ -244,6 +244,30 @@ impl Datapath {
         Ok(())
     }
 
+    /// Makes POD_IFACES hold exactly `ifindexes`: the pod interfaces host routing may hand
+    /// packets to. An index left from a pod gone could name an unrelated interface later.
+    pub fn set_pod_ifaces(&self, ifindexes: &BTreeSet<u32>) -> anyhow::Result<()> {
+        let mut map: aya::maps::HashMap<_, u32, u32> =
+            crate::sync::open_pin(&self.dir, maps::POD_IFACES)?.try_into()?;
+        let present: BTreeSet<u32> = map.keys().collect::<Result<_, _>>()?;
+        for gone in present.difference(ifindexes) {
+            match map.remove(gone) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context(maps::POD_IFACES),
+            }
+        }
+        for new in ifindexes.difference(&present) {
+            map.insert(new, 1, 0).with_context(|| {
+                format!(
+                    "{} (full at {})",
+                    maps::POD_IFACES,
+                    lb_common::capacity::POD_IFACES
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// Removes socket hooks an earlier agent attached.
     pub fn detach_sockets(&self) {
         crate::socket_lb::detach(&self.dir.join(LINKS));

@@ -1448,6 +1448,9 @@ fn tcp_fin_moves_the_flow_to_closing() {
 // The service rules beyond plain translation: source ranges and session affinity.
 #[path = "fixtures/rules.rs"]
 mod rules;
+// Host routing: a local backend's flows sent between interfaces past the node's stack.
+#[path = "fixtures/host_routing.rs"]
+mod host_routing;
 
 #[test]
 #[ignore = "needs root and the eBPF object: cargo xtask test"]

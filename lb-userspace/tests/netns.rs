@@ -130,12 +130,17 @@ impl Drop for Setup {
 
 /// A cluster whose first `backends` pods are the echo service's endpoints.
 fn setup(pods: &[&str], backends: usize) -> Setup {
+    setup_with(pods, backends, &[])
+}
+
+/// [`setup`], with more agent flags.
+fn setup_with(pods: &[&str], backends: usize, agent_flags: &[&str]) -> Setup {
     let mut cluster = Cluster::new(&lb_bin(), pods).expect("topology");
     cluster.start_servers().expect("servers");
     let file = std::env::temp_dir().join(format!("{}.yaml", testbed::unique("lbm")));
     let eps: Vec<usize> = (0..backends).collect();
     std::fs::write(&file, manifest(&cluster, &eps)).unwrap();
-    cluster.start_agent(&file).expect("agent");
+    cluster.start_agent_with(&file, agent_flags).expect("agent");
     let written = RefCell::new((eps.iter().map(|&i| (i, Ready)).collect(), String::new()));
     Setup {
         cluster,
@@ -352,6 +357,48 @@ fn pod_reaches_cluster_ip_and_backend_sees_its_address() {
     assert!(answer
         .expect("ClusterIP after the pod's interface came back")
         .starts_with("pod-"));
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: cargo xtask test"]
+fn host_routing_carries_local_backends_flows_past_the_nodes_forward_chain() {
+    let s = setup_with(&["pod-a", "pod-b", "client"], 2, &["--host-routing", "bpf"]);
+    // Nothing the node's stack forwards gets through: every answer below went by the
+    // programs, both ways (the INVALID rule is there too).
+    s.cluster
+        .node
+        .exec("iptables", &["-I", "FORWARD", "-j", "DROP"])
+        .unwrap();
+    let both: BTreeSet<String> = ["pod-a".into(), "pod-b".into()].into();
+    assert_eq!(
+        answers(&s, SocketAddr::from((NODE_IP, NODE_PORT)), 30),
+        both,
+        "NodePort from outside"
+    );
+    let to = SocketAddr::from((CLUSTER_IP, 80));
+    let got: BTreeSet<String> = s.cluster.pods[2]
+        .ns
+        .run(move || {
+            (0..30)
+                .map(|_| tcp_request(to).expect("ClusterIP request"))
+                .collect()
+        })
+        .unwrap();
+    assert_eq!(got, both, "ClusterIP from a pod");
+    let to = SocketAddr::from((CLUSTER_IP, 53));
+    let answer = s.cluster.pods[2]
+        .ns
+        .run(move || udp_ask(&udp_socket(to).unwrap()))
+        .unwrap();
+    assert!(answer.expect("UDP via ClusterIP").starts_with("pod-"));
+    // A kept-alive connection keeps going the same way.
+    let mut session = from_client(&s, || Session::open(SocketAddr::from((LB_IP, 80))).unwrap());
+    for _ in 0..3 {
+        assert!(session
+            .ask()
+            .expect("kept-alive request")
+            .starts_with("pod-"));
+    }
 }
 
 #[test]

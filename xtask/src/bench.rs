@@ -141,7 +141,10 @@ struct ControlPlane {
 /// One trial's traffic figures at one size, and the agent's memory in that run.
 #[derive(serde::Serialize)]
 struct TrafficTrial {
+    /// The agent as it runs by default: translated flows cross the node's stack.
     lb: traffic::Traffic,
+    /// The agent with `--host-routing bpf`: a local backend's flows go past the stack.
+    lb_host_routing: traffic::Traffic,
     lb_agent_rss: u64,
     #[serde(flatten)]
     netfilter: Netfilters<traffic::Traffic>,
@@ -203,9 +206,14 @@ fn run(object: &Path, opts: &Options) -> Result<()> {
             let mut tr = None;
             if opts.wants(Figure::Traffic) {
                 let mut topology = traffic::Topology::new(&lb, n)?;
-                let lb_agent_rss = topology.start_agent(&file.0)?;
+                let lb_agent_rss = topology.start_agent(&file.0, &[])?;
+                let lb_stack = topology.measure().context("lb")?;
+                drop(topology);
+                let mut topology = traffic::Topology::new(&lb, n)?;
+                topology.start_agent(&file.0, &["--host-routing", "bpf"])?;
                 tr = Some(TrafficTrial {
-                    lb: topology.measure().context("lb")?,
+                    lb: lb_stack,
+                    lb_host_routing: topology.measure().context("lb, host routing bpf")?,
                     lb_agent_rss,
                     netfilter: Netfilters::default(),
                 });
@@ -371,62 +379,42 @@ fn write_traffic(dir: &Path, traffic: &BTreeMap<usize, Vec<TrafficTrial>>) -> Re
          its response, close; as many client threads as CPUs for 2 s) and the latency of \
          requests on one kept-alive connection (5,000 timed after 5,000 untimed), through \
          each arm on the same namespaces: the client to the measured NodePort, and a pod to \
-         the measured ClusterIP. Connections per second as minimum / median over the trials; \
+         the measured ClusterIP. lb runs twice, on fresh namespaces: with its default host \
+         routing (`stack`: translated packets cross the node's routing and netfilter, as \
+         kube-proxy's do) and with `--host-routing bpf` (a local backend's flows go between \
+         the interfaces by the programs, both ways). The node has an INVALID-drop FORWARD \
+         rule in every arm, so its netfilter conntrack runs in all of them. Connections per second as minimum / median over the trials; \
          ratios are lb's rate over the other arm's, taken within each trial; latency as the \
          median over the trials of each trial's p50 / p99, in µs.\n\n\
-         | services | path | lb conn/s | iptables conn/s | nft conn/s | lb/iptables | lb/nft | lb p50 / p99 | iptables p50 / p99 | nft p50 / p99 | failed connections |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | services | path | lb host routing | lb conn/s | iptables conn/s | nft conn/s | lb/iptables | lb/nft | lb p50 / p99 | iptables p50 / p99 | nft p50 / p99 | failed connections |\n\
+         |---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     type Pick = fn(&traffic::Traffic) -> &traffic::PathFigures;
     let paths: [(&str, Pick); 2] = [
         ("client → NodePort", |t| &t.node_port),
         ("pod → ClusterIP", |t| &t.cluster_ip),
     ];
+    type Mode = fn(&TrafficTrial) -> &traffic::Traffic;
+    let modes: [(&str, Mode); 2] = [("stack", |t| &t.lb), ("bpf", |t| &t.lb_host_routing)];
     for (n, trials) in traffic {
         for (name, pick) in paths {
-            // Per trial: lb, iptables, nft.
-            let rows: Vec<[Option<&traffic::PathFigures>; 3]> = trials
-                .iter()
-                .map(|t| {
-                    [
-                        Some(pick(&t.lb)),
-                        t.netfilter.iptables.as_ref().map(pick),
-                        t.netfilter.nft.as_ref().map(pick),
-                    ]
-                })
-                .collect();
-            let rate = |arm: usize| cell(&rows, &|r| r[arm].map(|p| p.connections_per_sec), 0);
-            let ratio = |arm: usize| {
-                cell(
-                    &rows,
-                    &|r| Some(r[0]?.connections_per_sec / r[arm]?.connections_per_sec),
-                    2,
-                )
-            };
-            let latency = |arm: usize| {
-                let v: Option<Vec<(f64, f64)>> = rows
+            for (mode, lb) in modes {
+                // Per trial: lb in this mode, iptables, nft.
+                let rows: Vec<[Option<&traffic::PathFigures>; 3]> = trials
                     .iter()
-                    .map(|r| r[arm].map(|p| (p.p50_us, p.p99_us)))
+                    .map(|t| {
+                        [
+                            Some(pick(lb(t))),
+                            t.netfilter.iptables.as_ref().map(pick),
+                            t.netfilter.nft.as_ref().map(pick),
+                        ]
+                    })
                     .collect();
-                v.map_or_else(String::new, |v| {
-                    let p50 = min_median(&v.iter().map(|p| p.0).collect::<Vec<_>>()).1;
-                    let p99 = min_median(&v.iter().map(|p| p.1).collect::<Vec<_>>()).1;
-                    format!("{p50:.0} / {p99:.0}")
-                })
-            };
-            let failed: u64 = rows.iter().flatten().flatten().map(|p| p.failed).sum();
-            let cells = [
-                rate(0),
-                rate(1),
-                rate(2),
-                ratio(1),
-                ratio(2),
-                latency(0),
-                latency(1),
-                latency(2),
-                failed.to_string(),
-            ];
-            md.push_str(&format!("| {n} | {name} | {} |\n", cells.join(" | ")));
+                md.push_str(&format!(
+                    "| {n} | {name} | {mode} | {} |\n",
+                    traffic_cells(&rows).join(" | ")
+                ));
+            }
         }
     }
     let json: BTreeMap<String, &Vec<TrafficTrial>> =
@@ -437,6 +425,41 @@ fn write_traffic(dir: &Path, traffic: &BTreeMap<usize, Vec<TrafficTrial>>) -> Re
     )?;
     fs::write(dir.join("traffic.md"), &md)?;
     Ok(md)
+}
+
+/// One table row's cells from its per-trial figures of lb, iptables and nft.
+fn traffic_cells(rows: &[[Option<&traffic::PathFigures>; 3]]) -> [String; 9] {
+    let rate = |arm: usize| cell(rows, &|r| r[arm].map(|p| p.connections_per_sec), 0);
+    let ratio = |arm: usize| {
+        cell(
+            rows,
+            &|r| Some(r[0]?.connections_per_sec / r[arm]?.connections_per_sec),
+            2,
+        )
+    };
+    let latency = |arm: usize| {
+        let v: Option<Vec<(f64, f64)>> = rows
+            .iter()
+            .map(|r| r[arm].map(|p| (p.p50_us, p.p99_us)))
+            .collect();
+        v.map_or_else(String::new, |v| {
+            let p50 = min_median(&v.iter().map(|p| p.0).collect::<Vec<_>>()).1;
+            let p99 = min_median(&v.iter().map(|p| p.1).collect::<Vec<_>>()).1;
+            format!("{p50:.0} / {p99:.0}")
+        })
+    };
+    let failed: u64 = rows.iter().flatten().flatten().map(|p| p.failed).sum();
+    [
+        rate(0),
+        rate(1),
+        rate(2),
+        ratio(1),
+        ratio(2),
+        latency(0),
+        latency(1),
+        latency(2),
+        failed.to_string(),
+    ]
 }
 
 /// The BPF maps' memory (preallocated for the maps' capacity, so the same at every N) and

@@ -91,10 +91,10 @@ impl Topology {
         &self.cluster.node
     }
 
-    /// Starts the real agent on a manifest file and waits for its first sync; its resident
-    /// memory then, in bytes.
-    pub fn start_agent(&mut self, manifest: &Path) -> Result<u64> {
-        self.cluster.start_agent(manifest)?;
+    /// Starts the real agent on a manifest file, with `flags`, and waits for its first
+    /// sync; its resident memory then, in bytes.
+    pub fn start_agent(&mut self, manifest: &Path, flags: &[&str]) -> Result<u64> {
+        self.cluster.start_agent_with(manifest, flags)?;
         let pid = self
             .cluster
             .agent_pid()

@@ -1,0 +1,137 @@
+//! Host routing (opt-in, CONFIG's `host_routing`): a flow between a backend on this node
+//! and its client goes from one interface to the other by the programs, in both
+//! directions, past the node's routing, netfilter and qdiscs, as Cilium's BPF host routing
+//! does. Into a pod it goes by `bpf_redirect_peer` (TC) or a redirect to the pod's
+//! host-side interface (generic XDP); out of the node by a redirect to the uplink; with
+//! `bpf_redirect_neigh` while the neighbour is unresolved. The FIB names the interface and
+//! the MACs, and the TTL goes down by one, as in the stack.
+//!
+//! Both directions of a flow must take the same way: the node's conntrack would call a
+//! reply INVALID whose request it never saw. A flow is made direct only for a local
+//! backend (ct_flags::DIRECT in both entries), and the first packet that cannot be routed
+//! so clears the flag in both, after which the flow keeps to the stack.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+    },
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{ct_flags, ct_kind, stats::drop_reason, stats::verdict, CtKey};
+
+use crate::{
+    clock, conntrack, fib,
+    maps::{CONFIG, CONNTRACK, POD_IFACES},
+    nat::{End, Rewrite},
+    parse::Flow,
+    stats::{count_drop, count_service, count_service_drop, count_verdict},
+};
+
+/// Any of CONFIG's `host_routing` bits.
+pub const ANY: u32 = lb_common::host_routing::PODS | lb_common::host_routing::UPLINKS;
+
+/// Does CONFIG allow host routing for the hooks `bit` names?
+#[inline(always)]
+pub fn allowed(bit: u32) -> bool {
+    CONFIG.get(0).is_some_and(|c| c.host_routing & bit != 0)
+}
+
+#[inline(always)]
+fn is_pod_iface(ifindex: u32) -> bool {
+    unsafe { POD_IFACES.get(&ifindex) }.is_some()
+}
+
+/// A FIB answer a direct route can use: a next hop, resolved or not.
+#[inline(always)]
+fn usable(rc: u32) -> bool {
+    rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH
+}
+
+/// XDP: a direct flow's translated packet to its backend's pod interface. A packet the
+/// FIB sends elsewhere demotes the flow to the stack; one too large for the interface
+/// goes to the stack alone, which fragments or answers it.
+#[inline(always)]
+pub fn xdp_to_pod(ctx: &XdpContext, flow: &Flow, addr: u32, port: u16) -> u32 {
+    let Some((rc, p)) = fib::lookup(ctx, flow) else {
+        return xdp_action::XDP_PASS;
+    };
+    if rc == fib::FIB_FRAG_NEEDED {
+        return xdp_action::XDP_PASS;
+    }
+    if !usable(rc) || !is_pod_iface(p.ifindex) {
+        conntrack::demote(flow, addr, port);
+        return xdp_action::XDP_PASS;
+    }
+    // At its last hop the packet goes to the stack, which answers it.
+    if fib::decrement_ttl(ctx.data(), ctx.data_end(), flow.l3_off).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        return fib::pass_to_tc(ctx, flow, p.ifindex);
+    }
+    if fib::set_macs(ctx.data(), ctx.data_end(), &p).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    unsafe { bpf_redirect(p.ifindex, 0) as u32 }
+}
+
+/// TC ingress of a pod interface: a direct flow's translated packet to its backend's pod.
+#[inline(always)]
+pub fn tc_to_pod(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> i32 {
+    let Some((rc, p)) = fib::tc_lookup(ctx, flow) else {
+        return TC_ACT_OK;
+    };
+    if rc == fib::FIB_FRAG_NEEDED {
+        return TC_ACT_OK;
+    }
+    if !usable(rc) || !is_pod_iface(p.ifindex) {
+        conntrack::demote(flow, addr, port);
+        return TC_ACT_OK;
+    }
+    send(ctx, flow, rc, &p).unwrap_or(TC_ACT_OK)
+}
+
+/// TC ingress of a pod interface: a local backend's reply on a direct flow, reverse-NATed
+/// here and sent straight to its client. None leaves the packet to the usual way (the
+/// stack, then the egress programs).
+#[inline(always)]
+pub fn tc_reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Option<i32> {
+    let key = CtKey::new(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+    let ct = unsafe { CONNTRACK.get(&key) }?;
+    if ct.kind != ct_kind::REPLY || ct.flags & ct_flags::DIRECT == 0 {
+        return None;
+    }
+    // The reverse NAT leaves the destination, so the route can be known first.
+    let (rc, p) = fib::tc_lookup(ctx, flow)?;
+    if !usable(rc) {
+        return None;
+    }
+    let (addr, port, service, _) = conntrack::reply(flow, (flow.dst, flow.dport), clock::now())?;
+    if ctx.rewrite(flow, End::Src, addr, port).is_err() {
+        count_drop(drop_reason::REWRITE_FAILED);
+        count_service_drop(service);
+        count_verdict(verdict::DROP, bytes);
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT);
+    }
+    count_service(service, bytes);
+    count_verdict(verdict::REVERSE_NAT, bytes);
+    // A packet translated but not sent (its last hop) goes on to the stack as it is.
+    Some(send(ctx, flow, rc, &p).unwrap_or(TC_ACT_OK))
+}
+
+/// Sends the packet where the FIB said: into a pod past its host-side interface, or out
+/// of another interface; with neighbour resolution when the FIB had no neighbour.
+#[inline(always)]
+fn send(ctx: &TcContext, flow: &Flow, rc: u32, p: &bpf_fib_lookup) -> Option<i32> {
+    fib::decrement_ttl(ctx.data(), ctx.data_end(), flow.l3_off)?;
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Some(unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) as i32 });
+    }
+    fib::set_macs(ctx.data(), ctx.data_end(), p)?;
+    Some(if is_pod_iface(p.ifindex) {
+        unsafe { bpf_redirect_peer(p.ifindex, 0) as i32 }
+    } else {
+        unsafe { bpf_redirect(p.ifindex, 0) as i32 }
+    })
+}
