@@ -18,7 +18,13 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{ct_flags, ct_kind, stats::drop_reason, stats::verdict, CtKey};
+use lb_common::{
+    ct_flags, ct_kind,
+    host_routing::{PODS, UPLINKS},
+    stats::drop_reason,
+    stats::verdict,
+    CtKey,
+};
 
 use crate::{
     clock, conntrack, fib,
@@ -29,7 +35,7 @@ use crate::{
 };
 
 /// Any of CONFIG's `host_routing` bits.
-pub const ANY: u32 = lb_common::host_routing::PODS | lb_common::host_routing::UPLINKS;
+pub const ANY: u32 = PODS | UPLINKS;
 
 /// Does CONFIG allow host routing for the hooks `bit` names?
 #[inline(always)]
@@ -49,10 +55,15 @@ fn usable(rc: u32) -> bool {
 }
 
 /// XDP: a direct flow's translated packet to its backend's pod interface. A packet the
-/// FIB sends elsewhere demotes the flow to the stack; one too large for the interface
+/// FIB sends elsewhere, or one after host routing was turned off (an agent restarted with
+/// other flags), demotes the flow to the stack; one too large for the interface
 /// goes to the stack alone, which fragments or answers it.
 #[inline(always)]
 pub fn xdp_to_pod(ctx: &XdpContext, flow: &Flow, addr: u32, port: u16) -> u32 {
+    if !allowed(UPLINKS) {
+        conntrack::demote(flow, addr, port);
+        return xdp_action::XDP_PASS;
+    }
     let Some((rc, p)) = fib::lookup(ctx, flow) else {
         return xdp_action::XDP_PASS;
     };
@@ -79,6 +90,10 @@ pub fn xdp_to_pod(ctx: &XdpContext, flow: &Flow, addr: u32, port: u16) -> u32 {
 /// TC ingress of a pod interface: a direct flow's translated packet to its backend's pod.
 #[inline(always)]
 pub fn tc_to_pod(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> i32 {
+    if !allowed(PODS) {
+        conntrack::demote(flow, addr, port);
+        return TC_ACT_OK;
+    }
     let Some((rc, p)) = fib::tc_lookup(ctx, flow) else {
         return TC_ACT_OK;
     };

@@ -21,12 +21,14 @@ use crate::{root, setup};
 pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "latest"];
 
 /// The network-namespace tests of `--quick`: one per hook family (XDP NodePort and LB IP,
-/// TC ClusterIP from a pod, the socket hooks, XDP SNAT to another node and its reverse path).
+/// TC ClusterIP from a pod, the socket hooks, XDP SNAT to another node and its reverse path,
+/// host routing's redirects).
 pub const QUICK_NETNS: &[&str] = &[
     "client_reaches_nodeport_and_lb_ip_on_both_pods_over_tcp_and_udp",
     "pod_reaches_cluster_ip_and_backend_sees_its_address",
     "the_node_itself_reaches_services_through_its_sockets",
     "a_node_port_served_by_another_node_is_source_nated_from_xdp",
+    "host_routing_carries_local_backends_flows_past_the_nodes_forward_chain",
 ];
 
 pub struct Options {
