@@ -261,16 +261,26 @@ pub fn create(flow: &Flow, service_id: u32, backend: &Choice, flags: u8, snat_po
     let _ = CONNTRACK.insert(&key_of(flow), &fwd, 0);
 }
 
-/// Takes a direct flow (ct_flags::DIRECT) back to the stack, in both directions: the
-/// forward entry under the client's tuple and the reply entry under the backend's
-/// (`addr`, `port`).
+/// Takes a direct flow (ct_flags::DIRECT) back to the stack, in both directions, from a
+/// packet of its client: the forward entry under the client's tuple and the reply entry
+/// under the backend's (`addr`, `port`).
 #[inline(always)]
 pub fn demote(flow: &Flow, addr: u32, port: u16) {
-    let rev_key = CtKey::new(addr, flow.src, port, flow.sport, flow.proto);
-    for key in [key_of(flow), rev_key] {
-        if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
-            unsafe { (*ct).flags &= !ct_flags::DIRECT };
-        }
+    clear_direct(&key_of(flow));
+    clear_direct(&CtKey::new(addr, flow.src, port, flow.sport, flow.proto));
+}
+
+/// [`demote`] from a reply of the backend, whose flow's frontend is (`addr`, `port`).
+#[inline(always)]
+pub fn demote_reply(flow: &Flow, addr: u32, port: u16) {
+    clear_direct(&key_of(flow));
+    clear_direct(&CtKey::new(flow.dst, addr, flow.dport, port, flow.proto));
+}
+
+#[inline(always)]
+fn clear_direct(key: &CtKey) {
+    if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
+        unsafe { (*ct).flags &= !ct_flags::DIRECT };
     }
 }
 

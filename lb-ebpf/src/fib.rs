@@ -29,7 +29,7 @@ use crate::{
 
 const AF_INET: u8 = 2;
 /// `BPF_FIB_LKUP_RET_FRAG_NEEDED` (uapi/linux/bpf.h), which the BPF-target bindings lack.
-pub const FIB_FRAG_NEEDED: u32 = 8;
+const FIB_FRAG_NEEDED: u32 = 8;
 /// How long after XDP's last note TC still looks for notes. A noted packet reaches TC
 /// ingress in the same softirq, or from a backlog queue shortly after; this leaves a wide
 /// margin for that and for the per-CPU clock readings being a tick apart.

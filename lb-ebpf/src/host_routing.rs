@@ -14,8 +14,9 @@
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        TC_ACT_SHOT,
     },
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_type},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -30,7 +31,7 @@ use crate::{
     clock, conntrack, fib,
     maps::{CONFIG, CONNTRACK, POD_IFACES},
     nat::{End, Rewrite},
-    parse::Flow,
+    parse::{ptr_at, Flow, ETH_HLEN},
     stats::{count_drop, count_service, count_service_drop, count_verdict},
 };
 
@@ -48,68 +49,75 @@ fn is_pod_iface(ifindex: u32) -> bool {
     unsafe { POD_IFACES.get(&ifindex) }.is_some()
 }
 
+/// `PACKET_HOST` (linux/if_packet.h).
+const PACKET_HOST: u32 = 0;
+
 /// A FIB answer a direct route can use: a next hop, resolved or not.
 #[inline(always)]
 fn usable(rc: u32) -> bool {
     rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH
 }
 
-/// XDP: a direct flow's translated packet to its backend's pod interface. A packet the
-/// FIB sends elsewhere, or one after host routing was turned off (an agent restarted with
-/// other flags), demotes the flow to the stack; one too large for the interface
-/// goes to the stack alone, which fragments or answers it.
+/// What every packet host routing sends must be: a whole datagram (later fragments would
+/// take the stack), in an untagged frame (a VLAN tag would reach the pod), with a hop left.
+#[inline(always)]
+fn sendable(data: usize, data_end: usize, flow: &Flow) -> bool {
+    flow.l3_off == ETH_HLEN
+        && !flow.more_fragments
+        && ptr_at::<[u8; 1]>(data, data_end, flow.l3_off + 8)
+            .is_some_and(|t| unsafe { (*t)[0] > 1 })
+}
+
+/// XDP: a direct flow's translated packet to its backend's pod interface. A packet that
+/// cannot go so (the FIB sends it elsewhere or finds it too large, which a packet GRO
+/// aggregated is; a fragment; host routing turned off by an agent restarted with other
+/// flags) takes the flow back to the stack, in both directions.
 #[inline(always)]
 pub fn xdp_to_pod(ctx: &XdpContext, flow: &Flow, addr: u32, port: u16) -> u32 {
-    if !allowed(UPLINKS) {
-        conntrack::demote(flow, addr, port);
-        return xdp_action::XDP_PASS;
+    if allowed(UPLINKS) && sendable(ctx.data(), ctx.data_end(), flow) {
+        if let Some((rc, p)) = fib::lookup(ctx, flow) {
+            if usable(rc) && is_pod_iface(p.ifindex) {
+                return xdp_send(ctx, flow, rc, &p);
+            }
+        }
     }
-    let Some((rc, p)) = fib::lookup(ctx, flow) else {
-        return xdp_action::XDP_PASS;
-    };
-    if rc == fib::FIB_FRAG_NEEDED {
-        return xdp_action::XDP_PASS;
-    }
-    if !usable(rc) || !is_pod_iface(p.ifindex) {
-        conntrack::demote(flow, addr, port);
-        return xdp_action::XDP_PASS;
-    }
-    // At its last hop the packet goes to the stack, which answers it.
+    conntrack::demote(flow, addr, port);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn xdp_send(ctx: &XdpContext, flow: &Flow, rc: u32, p: &bpf_fib_lookup) -> u32 {
     if fib::decrement_ttl(ctx.data(), ctx.data_end(), flow.l3_off).is_none() {
         return xdp_action::XDP_PASS;
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
         return fib::pass_to_tc(ctx, flow, p.ifindex);
     }
-    if fib::set_macs(ctx.data(), ctx.data_end(), &p).is_none() {
+    if fib::set_macs(ctx.data(), ctx.data_end(), p).is_none() {
         return xdp_action::XDP_PASS;
     }
     unsafe { bpf_redirect(p.ifindex, 0) as u32 }
 }
 
-/// TC ingress of a pod interface: a direct flow's translated packet to its backend's pod.
+/// TC ingress of a pod interface: a direct flow's translated packet to its backend's pod;
+/// as [`xdp_to_pod`], a packet that cannot go so takes the flow back to the stack.
 #[inline(always)]
 pub fn tc_to_pod(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> i32 {
-    if !allowed(PODS) {
-        conntrack::demote(flow, addr, port);
-        return TC_ACT_OK;
+    if allowed(PODS) && sendable(ctx.data(), ctx.data_end(), flow) {
+        if let Some((rc, p)) = fib::tc_lookup(ctx, flow) {
+            if usable(rc) && is_pod_iface(p.ifindex) {
+                return send(ctx, flow, rc, &p);
+            }
+        }
     }
-    let Some((rc, p)) = fib::tc_lookup(ctx, flow) else {
-        return TC_ACT_OK;
-    };
-    if rc == fib::FIB_FRAG_NEEDED {
-        return TC_ACT_OK;
-    }
-    if !usable(rc) || !is_pod_iface(p.ifindex) {
-        conntrack::demote(flow, addr, port);
-        return TC_ACT_OK;
-    }
-    send(ctx, flow, rc, &p).unwrap_or(TC_ACT_OK)
+    conntrack::demote(flow, addr, port);
+    TC_ACT_OK
 }
 
 /// TC ingress of a pod interface: a local backend's reply on a direct flow, reverse-NATed
 /// here and sent straight to its client. None leaves the packet to the usual way (the
-/// stack, then the egress programs).
+/// stack, then the egress programs); a reply that cannot go straight takes its flow back
+/// to the stack, in both directions.
 #[inline(always)]
 pub fn tc_reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Option<i32> {
     let key = CtKey::new(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
@@ -118,35 +126,56 @@ pub fn tc_reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Option<i32> {
         return None;
     }
     // The reverse NAT leaves the destination, so the route can be known first.
-    let (rc, p) = fib::tc_lookup(ctx, flow)?;
-    if !usable(rc) {
+    let route = match fib::tc_lookup(ctx, flow) {
+        Some((rc, p)) if usable(rc) && sendable(ctx.data(), ctx.data_end(), flow) => Some((rc, p)),
+        _ => None,
+    };
+    let Some((rc, p)) = route else {
+        conntrack::demote_reply(flow, ct.nat_addr, ct.nat_port);
         return None;
-    }
+    };
     let (addr, port, service, _) = conntrack::reply(flow, (flow.dst, flow.dport), clock::now())?;
     if ctx.rewrite(flow, End::Src, addr, port).is_err() {
         count_drop(drop_reason::REWRITE_FAILED);
         count_service_drop(service);
         count_verdict(verdict::DROP, bytes);
-        return Some(aya_ebpf::bindings::TC_ACT_SHOT);
+        return Some(TC_ACT_SHOT);
     }
     count_service(service, bytes);
     count_verdict(verdict::REVERSE_NAT, bytes);
-    // A packet translated but not sent (its last hop) goes on to the stack as it is.
-    Some(send(ctx, flow, rc, &p).unwrap_or(TC_ACT_OK))
+    Some(send(ctx, flow, rc, &p))
 }
 
-/// Sends the packet where the FIB said: into a pod past its host-side interface, or out
-/// of another interface; with neighbour resolution when the FIB had no neighbour.
+/// TC: an ICMP error about a direct flow, translated, to where its flow's packets go; to
+/// the stack when it cannot go so.
 #[inline(always)]
-fn send(ctx: &TcContext, flow: &Flow, rc: u32, p: &bpf_fib_lookup) -> Option<i32> {
-    fib::decrement_ttl(ctx.data(), ctx.data_end(), flow.l3_off)?;
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Some(unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) as i32 });
+pub fn tc_route(ctx: &TcContext, flow: &Flow) -> i32 {
+    if !sendable(ctx.data(), ctx.data_end(), flow) {
+        return TC_ACT_OK;
     }
-    fib::set_macs(ctx.data(), ctx.data_end(), p)?;
-    Some(if is_pod_iface(p.ifindex) {
+    match fib::tc_lookup(ctx, flow) {
+        Some((rc, p)) if usable(rc) => send(ctx, flow, rc, &p),
+        _ => TC_ACT_OK,
+    }
+}
+
+/// Sends a packet that passed [`sendable`] where the FIB said: into a pod past its
+/// host-side interface, or out of another interface; with neighbour resolution when the
+/// FIB had no neighbour.
+#[inline(always)]
+fn send(ctx: &TcContext, flow: &Flow, rc: u32, p: &bpf_fib_lookup) -> i32 {
+    // Both only fail on a packet shorter than sendable() read: not the case here.
+    let _ = fib::decrement_ttl(ctx.data(), ctx.data_end(), flow.l3_off);
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) as i32 };
+    }
+    let _ = fib::set_macs(ctx.data(), ctx.data_end(), p);
+    if is_pod_iface(p.ifindex) {
+        // The frame was the host's; the pod takes it only as its own. The MACs say so
+        // now, but the skb keeps the type it was received with.
+        let _ = unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
         unsafe { bpf_redirect_peer(p.ifindex, 0) as i32 }
     } else {
         unsafe { bpf_redirect(p.ifindex, 0) as i32 }
-    })
+    }
 }

@@ -11,7 +11,7 @@
 //! ICMP errors carry complete checksums (the kernel computes them when it builds the
 //! error), so both hooks update them by arithmetic on the linear packet data.
 
-use lb_common::{ct_kind, proto, CtKey};
+use lb_common::{ct_flags, ct_kind, proto, CtKey};
 
 use crate::{
     clock, conntrack, csum,
@@ -43,11 +43,28 @@ pub fn is_error(data: usize, data_end: usize, flow: &Flow) -> bool {
     }
 }
 
+/// Which flows' errors a hook translates, by their host routing (ct_flags::DIRECT).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    Any,
+    /// Only flows host routing carries: their errors must take the same way.
+    Direct,
+    /// Only the others: a direct flow's errors are translated by a later hook.
+    Stack,
+}
+
 /// Translates an ICMP error whose quote matches a conntrack entry of `kind`
-/// (`ct_kind::REPLY` on egress, `ct_kind::FORWARD` on ingress). Returns the service id,
-/// or `None` (packet untouched) when the quote is not of a translated flow.
+/// (`ct_kind::REPLY` on egress, `ct_kind::FORWARD` on ingress) and `routing`. Returns the
+/// service id and the entry's flags, or `None` (packet untouched) when the quote is not
+/// of such a flow.
 #[inline(always)]
-pub fn translate(data: usize, data_end: usize, flow: &Flow, kind: u8) -> Option<u32> {
+pub fn translate(
+    data: usize,
+    data_end: usize,
+    flow: &Flow,
+    kind: u8,
+    routing: Routing,
+) -> Option<(u32, u8)> {
     let inner_l3 = flow.l4_off + ICMP_HLEN;
     let ip: *mut [u8; 20] = ptr_at(data, data_end, inner_l3)?;
     let ip = unsafe { &mut *ip };
@@ -71,7 +88,11 @@ pub fn translate(data: usize, data_end: usize, flow: &Flow, kind: u8) -> Option<
     let key = CtKey::new(dst, src, dport, sport, inner_proto);
     let ct = conntrack::quoted(&key, kind, clock::now())?;
     // Errors about flows translated at both ends are left to the endpoints' timeouts.
-    if ct.flags != 0 {
+    if ct.flags & (ct_flags::HAIRPIN | ct_flags::SNAT | ct_flags::DSR) != 0 {
+        return None;
+    }
+    let direct = ct.flags & ct_flags::DIRECT != 0;
+    if (routing == Routing::Direct && !direct) || (routing == Routing::Stack && direct) {
         return None;
     }
     let icmp_csum: *mut u16 = ptr_at(data, data_end, flow.l4_off + 2)?;
@@ -132,5 +153,5 @@ pub fn translate(data: usize, data_end: usize, flow: &Flow, kind: u8) -> Option<
             outer.write_unaligned(new_addr);
         }
     }
-    Some(ct.service_id)
+    Some((ct.service_id, ct.flags))
 }

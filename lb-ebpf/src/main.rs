@@ -39,6 +39,7 @@ use lb_common::{
 };
 
 use crate::{
+    icmp_error::Routing,
     nat::{End, Rewrite},
     parse::{parse, Flow, Unparsed},
     service::{Forward, Route},
@@ -60,6 +61,8 @@ enum Outcome {
     /// Translated, for this local backend (address, port), to be sent to its pod past the
     /// node's stack (host routing).
     Direct(u32, u16),
+    /// An ICMP error of a flow host routing carries, translated, to be sent its way.
+    DirectIcmp,
     Reject(u32),
     /// Dropped; the reason (and the service, when known) are counted already.
     Drop,
@@ -82,19 +85,23 @@ fn unparsed(why: Unparsed) {
 }
 
 /// ICMP errors quoting a translated flow; other ICMP is not ours. `kind` is the
-/// conntrack direction the quote must match (see icmp_error).
+/// conntrack direction the quote must match, `routing` the flows to take (see icmp_error).
 #[inline(always)]
-fn icmp<C: Rewrite>(ctx: &C, flow: &Flow, kind: u8, bytes: u64) -> Outcome {
+fn icmp<C: Rewrite>(ctx: &C, flow: &Flow, kind: u8, routing: Routing, bytes: u64) -> Outcome {
     let (data, data_end) = ctx.linear(flow.l4_off + 1);
     if !icmp_error::is_error(data, data_end, flow) {
         return Outcome::Pass;
     }
     let (data, data_end) = ctx.linear(flow.l4_off + icmp_error::LINEAR_LEN);
-    match icmp_error::translate(data, data_end, flow, kind) {
-        Some(service) => {
+    match icmp_error::translate(data, data_end, flow, kind, routing) {
+        Some((service, flags)) => {
             count_service(service, bytes);
             count_verdict(verdict::ICMP_ERROR_NAT, bytes);
-            Outcome::Translated
+            if flags & ct_flags::DIRECT != 0 {
+                Outcome::DirectIcmp
+            } else {
+                Outcome::Translated
+            }
         }
         None => Outcome::Pass,
     }
@@ -127,7 +134,14 @@ fn forward<C: Rewrite>(ctx: &C, flow: &Flow, scope_nr: u8, bytes: u64) -> Outcom
         return follow_fragment(ctx, flow);
     }
     if flow.proto == proto::ICMP {
-        return icmp(ctx, flow, ct_kind::FORWARD, bytes);
+        // XDP leaves a direct flow's errors to the uplink's TC ingress, which can send
+        // them into the pod.
+        let routing = if scope_nr == scope::EXTERNAL {
+            Routing::Stack
+        } else {
+            Routing::Any
+        };
+        return icmp(ctx, flow, ct_kind::FORWARD, routing, bytes);
     }
     if !translates(flow) {
         return Outcome::Pass;
@@ -242,7 +256,11 @@ fn reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Outcome {
         return follow_fragment(ctx, flow);
     }
     if flow.proto == proto::ICMP {
-        return icmp(ctx, flow, ct_kind::REPLY, bytes);
+        // On egress the packet is on its way out already, whichever way its flow takes.
+        return match icmp(ctx, flow, ct_kind::REPLY, Routing::Any, bytes) {
+            Outcome::DirectIcmp => Outcome::Translated,
+            other => other,
+        };
     }
     if !translates(flow) {
         return Outcome::Pass;
@@ -283,8 +301,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     match forward(&ctx, &flow, scope::EXTERNAL, bytes) {
-        // Hairpin needs a pod as the client: it never happens on an uplink.
-        Outcome::Pass | Outcome::Translated | Outcome::Hairpin(_) => xdp_action::XDP_PASS,
+        // Hairpin needs a pod as the client: it never happens on an uplink; nor do direct
+        // ICMP errors, left to TC.
+        Outcome::Pass | Outcome::Translated | Outcome::Hairpin(_) | Outcome::DirectIcmp => {
+            xdp_action::XDP_PASS
+        }
         Outcome::Direct(addr, port) => host_routing::xdp_to_pod(&ctx, &flow, addr, port),
         Outcome::Fib(service) => {
             // The reason (no route, MTU) is counted where the FIB said so.
@@ -366,6 +387,7 @@ fn tc_verdict(outcome: Outcome, ctx: &TcContext, flow: &Flow, bytes: u64) -> i32
         // SNAT and DSR flows are only made by XDP, which sends them itself.
         Outcome::Pass | Outcome::Translated | Outcome::Fib(_) | Outcome::Tunnel(..) => TC_ACT_OK,
         Outcome::Direct(addr, port) => host_routing::tc_to_pod(ctx, flow, addr, port),
+        Outcome::DirectIcmp => host_routing::tc_route(ctx, flow),
         Outcome::Hairpin(service) => {
             if reject::swap_macs(ctx.data(), ctx.data_end()).is_none() {
                 count_drop(drop_reason::REWRITE_FAILED);
@@ -434,10 +456,17 @@ pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let bytes = ctx.len() as u64;
-    // A local backend's reply on a flow host routing carries goes back the same way.
-    if translates(&flow) && !flow.later_fragment && host_routing::allowed(host_routing::ANY) {
-        if let Some(action) = host_routing::tc_reply(&ctx, &flow, bytes) {
-            return action;
+    // A local backend's reply on a flow host routing carries goes back the same way, and
+    // so do its errors about the flow.
+    if !flow.later_fragment && host_routing::allowed(host_routing::ANY) {
+        if translates(&flow) {
+            if let Some(action) = host_routing::tc_reply(&ctx, &flow, bytes) {
+                return action;
+            }
+        } else if let Outcome::DirectIcmp =
+            icmp(&ctx, &flow, ct_kind::REPLY, Routing::Direct, bytes)
+        {
+            return host_routing::tc_route(&ctx, &flow);
         }
     }
     let outcome = forward(&ctx, &flow, scope::INTERNAL, bytes);
@@ -451,16 +480,25 @@ pub fn lb_pod_egress(ctx: TcContext) -> i32 {
 }
 
 /// Ingress of an uplink: packets XDP translated for another node whose next hop must
-/// first be resolved.
+/// first be resolved, and errors about flows host routing carries, which XDP leaves.
 #[classifier]
 pub fn lb_uplink_ingress(ctx: TcContext) -> i32 {
-    if !fib::notes_pending() {
+    // Most packets are neither: one look at the IP protocol of an untagged frame.
+    let is_icmp = parse::ptr_at::<[u8; 24]>(ctx.data(), ctx.data_end(), 0)
+        .is_some_and(|h| unsafe { (*h)[12] == 0x08 && (*h)[13] == 0 && (*h)[23] == proto::ICMP });
+    if !is_icmp && !fib::notes_pending() {
         return TC_ACT_OK;
     }
-    match parse(ctx.data(), ctx.data_end()) {
-        Ok(flow) => fib::tc_send_pending(&ctx, &flow),
-        Err(_) => TC_ACT_OK,
+    let Ok(flow) = parse(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_OK;
+    };
+    if is_icmp {
+        let bytes = ctx.len() as u64;
+        if let Outcome::DirectIcmp = icmp(&ctx, &flow, ct_kind::FORWARD, Routing::Direct, bytes) {
+            return host_routing::tc_route(&ctx, &flow);
+        }
     }
+    fib::tc_send_pending(&ctx, &flow)
 }
 
 /// Egress of an uplink: replies leaving the node.

@@ -304,8 +304,8 @@ fn configure_snat(dp: &Datapath, args: &AgentArgs, node: &NodeContext) -> anyhow
 }
 
 /// Attaches the pod programs to every interface that matches a pattern and is not attached
-/// yet (pods come and go while the agent runs), and tells the programs which interfaces
-/// are pods'. False when something is left undone.
+/// yet (pods come and go while the agent runs), and tells the programs which of them are
+/// pods' veths, for host routing. False when something is left undone.
 fn attach_pods(dp: &mut Datapath, patterns: &[String], uplinks: &[String]) -> bool {
     let Ok(all) = interfaces::list() else {
         return false;
@@ -330,7 +330,10 @@ fn attach_pods(dp: &mut Datapath, patterns: &[String], uplinks: &[String]) -> bo
                 }
             }
         }
-        pods.extend(interfaces::index(name));
+        // bpf_redirect_peer reaches a pod only through a veth.
+        if interfaces::driver(name).as_deref() == Some("veth") {
+            pods.extend(interfaces::index(name));
+        }
     }
     if let Err(e) = dp.set_pod_ifaces(&pods) {
         complete = false;
