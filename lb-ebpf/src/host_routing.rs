@@ -68,6 +68,13 @@ fn sendable(data: usize, data_end: usize, flow: &Flow) -> bool {
             .is_some_and(|t| unsafe { (*t)[0] > 1 })
 }
 
+/// [`sendable`] for an skb, whose VLAN tag the kernel keeps out of the frame.
+#[inline(always)]
+fn tc_sendable(ctx: &TcContext, flow: &Flow) -> bool {
+    let untagged = unsafe { (*ctx.skb.skb).vlan_present == 0 };
+    untagged && sendable(ctx.data(), ctx.data_end(), flow)
+}
+
 /// XDP: a direct flow's translated packet to its backend's pod interface. A packet that
 /// cannot go so (the FIB sends it elsewhere or finds it too large, which a packet GRO
 /// aggregated is; a fragment; host routing turned off by an agent restarted with other
@@ -103,7 +110,7 @@ fn xdp_send(ctx: &XdpContext, flow: &Flow, rc: u32, p: &bpf_fib_lookup) -> u32 {
 /// as [`xdp_to_pod`], a packet that cannot go so takes the flow back to the stack.
 #[inline(always)]
 pub fn tc_to_pod(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> i32 {
-    if allowed(PODS) && sendable(ctx.data(), ctx.data_end(), flow) {
+    if allowed(PODS) && tc_sendable(ctx, flow) {
         if let Some((rc, p)) = fib::tc_lookup(ctx, flow) {
             if usable(rc) && is_pod_iface(p.ifindex) {
                 return send(ctx, flow, rc, &p);
@@ -127,7 +134,7 @@ pub fn tc_reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Option<i32> {
     }
     // The reverse NAT leaves the destination, so the route can be known first.
     let route = match fib::tc_lookup(ctx, flow) {
-        Some((rc, p)) if usable(rc) && sendable(ctx.data(), ctx.data_end(), flow) => Some((rc, p)),
+        Some((rc, p)) if usable(rc) && tc_sendable(ctx, flow) => Some((rc, p)),
         _ => None,
     };
     let Some((rc, p)) = route else {
@@ -150,7 +157,7 @@ pub fn tc_reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Option<i32> {
 /// the stack when it cannot go so.
 #[inline(always)]
 pub fn tc_route(ctx: &TcContext, flow: &Flow) -> i32 {
-    if !sendable(ctx.data(), ctx.data_end(), flow) {
+    if !tc_sendable(ctx, flow) {
         return TC_ACT_OK;
     }
     match fib::tc_lookup(ctx, flow) {
@@ -159,7 +166,7 @@ pub fn tc_route(ctx: &TcContext, flow: &Flow) -> i32 {
     }
 }
 
-/// Sends a packet that passed [`sendable`] where the FIB said: into a pod past its
+/// Sends a packet that passed [`tc_sendable`] where the FIB said: into a pod past its
 /// host-side interface, or out of another interface; with neighbour resolution when the
 /// FIB had no neighbour.
 #[inline(always)]

@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 use anyhow::bail;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use lb_common::{
-    addr, backend_flags, backend_state, ct_kind, kind, maps, proto, scope, service_flags, stats,
-    tcp_state, Counter, CtKey, CtValue,
+    addr, backend_flags, backend_state, ct_flags, ct_kind, kind, maps, proto, scope, service_flags,
+    stats, tcp_state, Counter, CtKey, CtValue,
 };
 use serde::Serialize;
 
@@ -205,7 +205,25 @@ struct FlowRow {
     backend: String,
     service_id: u32,
     state: &'static str,
+    /// How the flow crosses the node: `stack`, `direct` (host routing), `snat`, `dsr` or
+    /// `hairpin`.
+    route: &'static str,
     idle_seconds: u64,
+}
+
+/// The way a flow's entry says its packets go.
+fn route_name(flags: u8) -> &'static str {
+    if flags & ct_flags::HAIRPIN != 0 {
+        "hairpin"
+    } else if flags & ct_flags::SNAT != 0 {
+        "snat"
+    } else if flags & ct_flags::DSR != 0 {
+        "dsr"
+    } else if flags & ct_flags::DIRECT != 0 {
+        "direct"
+    } else {
+        "stack"
+    }
 }
 
 fn monotonic_ns() -> u64 {
@@ -240,6 +258,7 @@ pub fn conntrack(dir: &Path, output: Output) -> anyhow::Result<()> {
                 (proto::TCP, _) => "opening",
                 _ => "-",
             },
+            route: route_name(v.flags),
             idle_seconds: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
         });
     }
@@ -249,13 +268,13 @@ pub fn conntrack(dir: &Path, output: Output) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<5} {:<22} {:<22} {:<22} {:<12} IDLE",
-        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE"
+        "{:<5} {:<22} {:<22} {:<22} {:<12} {:<8} IDLE",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE", "ROUTE"
     );
     for r in rows {
         println!(
-            "{:<5} {:<22} {:<22} {:<22} {:<12} {}s",
-            r.protocol, r.client, r.frontend, r.backend, r.state, r.idle_seconds
+            "{:<5} {:<22} {:<22} {:<22} {:<12} {:<8} {}s",
+            r.protocol, r.client, r.frontend, r.backend, r.state, r.route, r.idle_seconds
         );
     }
     Ok(())

@@ -343,6 +343,8 @@ fn pod_reaches_cluster_ip_and_backend_sees_its_address() {
     let ct = s.cluster.lb("conntrack", &["--output", "json"]).unwrap();
     // No source NAT: the flow's client is the pod itself.
     assert!(ct.contains(&format!("\"{}:", s.cluster.pods[2].ip)), "{ct}");
+    // By default the node's stack carries it.
+    assert!(ct.contains("\"route\": \"stack\""), "{ct}");
     let to = SocketAddr::from((CLUSTER_IP, 53));
     let answer = s.cluster.pods[2]
         .ns
@@ -399,6 +401,12 @@ fn host_routing_carries_local_backends_flows_past_the_nodes_forward_chain() {
             .expect("kept-alive request")
             .starts_with("pod-"));
     }
+    let ct = s.cluster.lb("conntrack", &["--output", "json"]).unwrap();
+    let flows: Vec<serde_json::Value> = serde_json::from_str(&ct).unwrap();
+    assert!(
+        !flows.is_empty() && flows.iter().all(|f| f["route"] == "direct"),
+        "every flow direct: {ct}"
+    );
 }
 
 #[test]
