@@ -289,7 +289,17 @@ fn clear_direct(key: &CtKey) {
 /// its packets (address, port). A reply establishes an opening TCP flow.
 #[inline(always)]
 pub fn reply(flow: &Flow, client: (u32, u16), now: u64) -> Option<(u32, u16, u32, u8)> {
-    let ct = CONNTRACK.get_ptr_mut(&key_of(flow))?;
+    reply_of(flow, entry(flow)?, client, now)
+}
+
+/// [`reply`] with the packet's entry already looked up ([`entry`]).
+#[inline(always)]
+pub fn reply_of(
+    flow: &Flow,
+    ct: *mut CtValue,
+    client: (u32, u16),
+    now: u64,
+) -> Option<(u32, u16, u32, u8)> {
     let ct = unsafe { &mut *ct };
     if ct.kind != ct_kind::REPLY || !live(ct, flow.proto, now) {
         return None;

@@ -145,18 +145,27 @@ pub fn xdp_send(ctx: &XdpContext, flow: &Flow) -> u32 {
         count_drop(drop_reason::NO_ROUTE);
         return xdp_action::XDP_DROP;
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-        return pass_to_tc(ctx, flow, p.ifindex);
-    }
-    if set_macs(ctx.data(), ctx.data_end(), &p).is_none() {
+    xdp_out(ctx, flow, rc, &p).unwrap_or_else(|| {
         count_drop(drop_reason::MALFORMED);
-        return xdp_action::XDP_DROP;
+        xdp_action::XDP_DROP
+    })
+}
+
+/// Sends a routed packet (its TTL already lowered) to the next hop of FIB answer `p`
+/// (`rc` a success or no neighbour yet): by TC when the neighbour must be resolved, else
+/// with the FIB's MACs back out (XDP_TX) or to another interface. None when the frame is
+/// too short for the MACs.
+#[inline(always)]
+pub fn xdp_out(ctx: &XdpContext, flow: &Flow, rc: u32, p: &bpf_fib_lookup) -> Option<u32> {
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Some(pass_to_tc(ctx, flow, p.ifindex));
     }
-    if p.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+    set_macs(ctx.data(), ctx.data_end(), p)?;
+    Some(if p.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
         xdp_action::XDP_TX
     } else {
         unsafe { bpf_redirect(p.ifindex, 0) as u32 }
-    }
+    })
 }
 
 /// The datagram's identity as its IPv4 header says it now, after translation.
@@ -173,7 +182,7 @@ fn datagram(data: usize, data_end: usize, l3: usize) -> Option<FragKey> {
 }
 
 #[inline(always)]
-pub fn pass_to_tc(ctx: &XdpContext, flow: &Flow, ifindex: u32) -> u32 {
+fn pass_to_tc(ctx: &XdpContext, flow: &Flow, ifindex: u32) -> u32 {
     let noted = datagram(ctx.data(), ctx.data_end(), flow.l3_off)
         .is_some_and(|key| NEIGH_PENDING.insert(&key, &ifindex, 0).is_ok());
     if !noted {

@@ -24,12 +24,11 @@ use lb_common::{
     host_routing::{PODS, UPLINKS},
     stats::drop_reason,
     stats::verdict,
-    CtKey,
 };
 
 use crate::{
     clock, conntrack, fib,
-    maps::{CONFIG, CONNTRACK, POD_IFACES},
+    maps::{CONFIG, POD_IFACES},
     nat::{End, Rewrite},
     parse::{ptr_at, Flow, ETH_HLEN},
     stats::{count_drop, count_service, count_service_drop, count_verdict},
@@ -84,26 +83,14 @@ pub fn xdp_to_pod(ctx: &XdpContext, flow: &Flow, addr: u32, port: u16) -> u32 {
     if allowed(UPLINKS) && sendable(ctx.data(), ctx.data_end(), flow) {
         if let Some((rc, p)) = fib::lookup(ctx, flow) {
             if usable(rc) && is_pod_iface(p.ifindex) {
-                return xdp_send(ctx, flow, rc, &p);
+                // sendable() saw a hop left and an Ethernet header, so neither fails.
+                let _ = fib::decrement_ttl(ctx.data(), ctx.data_end(), flow.l3_off);
+                return fib::xdp_out(ctx, flow, rc, &p).unwrap_or(xdp_action::XDP_PASS);
             }
         }
     }
     conntrack::demote(flow, addr, port);
     xdp_action::XDP_PASS
-}
-
-#[inline(always)]
-fn xdp_send(ctx: &XdpContext, flow: &Flow, rc: u32, p: &bpf_fib_lookup) -> u32 {
-    if fib::decrement_ttl(ctx.data(), ctx.data_end(), flow.l3_off).is_none() {
-        return xdp_action::XDP_PASS;
-    }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-        return fib::pass_to_tc(ctx, flow, p.ifindex);
-    }
-    if fib::set_macs(ctx.data(), ctx.data_end(), p).is_none() {
-        return xdp_action::XDP_PASS;
-    }
-    unsafe { bpf_redirect(p.ifindex, 0) as u32 }
 }
 
 /// TC ingress of a pod interface: a direct flow's translated packet to its backend's pod;
@@ -127,8 +114,8 @@ pub fn tc_to_pod(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> i32 {
 /// to the stack, in both directions.
 #[inline(always)]
 pub fn tc_reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Option<i32> {
-    let key = CtKey::new(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
-    let ct = unsafe { CONNTRACK.get(&key) }?;
+    let entry = conntrack::entry(flow)?;
+    let ct = unsafe { &*entry };
     if ct.kind != ct_kind::REPLY || ct.flags & ct_flags::DIRECT == 0 {
         return None;
     }
@@ -141,7 +128,8 @@ pub fn tc_reply(ctx: &TcContext, flow: &Flow, bytes: u64) -> Option<i32> {
         conntrack::demote_reply(flow, ct.nat_addr, ct.nat_port);
         return None;
     };
-    let (addr, port, service, _) = conntrack::reply(flow, (flow.dst, flow.dport), clock::now())?;
+    let client = (flow.dst, flow.dport);
+    let (addr, port, service, _) = conntrack::reply_of(flow, entry, client, clock::now())?;
     if ctx.rewrite(flow, End::Src, addr, port).is_err() {
         count_drop(drop_reason::REWRITE_FAILED);
         count_service_drop(service);

@@ -456,20 +456,22 @@ pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let bytes = ctx.len() as u64;
-    // A local backend's reply on a flow host routing carries goes back the same way, and
-    // so do its errors about the flow.
-    if !flow.later_fragment && host_routing::allowed(host_routing::ANY) {
-        if translates(&flow) {
-            if let Some(action) = host_routing::tc_reply(&ctx, &flow, bytes) {
-                return action;
+    let outcome = forward(&ctx, &flow, scope::INTERNAL, bytes);
+    // What is not for a service may be a local backend's reply on a flow host routing
+    // carries, or its error about one: it goes back the same way.
+    if let Outcome::Pass = outcome {
+        if !flow.later_fragment && host_routing::allowed(host_routing::ANY) {
+            if translates(&flow) {
+                if let Some(action) = host_routing::tc_reply(&ctx, &flow, bytes) {
+                    return action;
+                }
+            } else if let Outcome::DirectIcmp =
+                icmp(&ctx, &flow, ct_kind::REPLY, Routing::Direct, bytes)
+            {
+                return host_routing::tc_route(&ctx, &flow);
             }
-        } else if let Outcome::DirectIcmp =
-            icmp(&ctx, &flow, ct_kind::REPLY, Routing::Direct, bytes)
-        {
-            return host_routing::tc_route(&ctx, &flow);
         }
     }
-    let outcome = forward(&ctx, &flow, scope::INTERNAL, bytes);
     tc_verdict(outcome, &ctx, &flow, bytes)
 }
 

@@ -375,6 +375,16 @@ const fn backend(id: u32, addr: Ipv4Addr, port: u16) -> Backend {
 
 const MAGLEV_LEN: u32 = capacity::MAGLEV_LADDER[0];
 
+/// A backend's port unreachable about `delivered` (the translated `sent`), and that error
+/// as the client must get it: from the frontend, quoting `sent`.
+fn backend_refusal(sent: &Packet, delivered: &Packet) -> (Packet, Packet) {
+    let mut error = delivered.answer(delivered.icmp_error(3, 3));
+    error.ttl = 64;
+    let mut expected = sent.answer(sent.icmp_error(3, 3));
+    (expected.src_mac, expected.dst_mac, expected.ttl) = (error.src_mac, error.dst_mac, 64);
+    (error, expected)
+}
+
 /// The SERVICES key of a frontend (address and port in host order).
 fn frontend_key(frontend: (Ipv4Addr, u16), proto_nr: u8, scope_nr: u8) -> ServiceKey {
     ServiceKey::new(
@@ -1231,10 +1241,7 @@ fn icmp_error_from_backend_is_reverse_natted() {
     expect(&mut dp, XDP, &udp, XDP_PASS, &delivered.bytes());
 
     // The backend has no listener and says so, quoting the packet it got.
-    let mut error = delivered.answer(delivered.icmp_error(3, 3));
-    error.ttl = 64;
-    let mut expected = udp.answer(udp.icmp_error(3, 3));
-    (expected.src_mac, expected.dst_mac, expected.ttl) = (error.src_mac, error.dst_mac, 64);
+    let (error, expected) = backend_refusal(&udp, &delivered);
     expect(&mut dp, UPLINK_EGRESS, &error, TC_ACT_OK, &expected.bytes());
     assert_eq!(
         dp.counter(maps::VERDICT_STATS, verdict::ICMP_ERROR_NAT)
@@ -1291,10 +1298,7 @@ fn icmp_error_to_a_pod_client_is_reverse_natted() {
     let delivered = udp.clone().with_dst(BACKEND_A, BACKEND_PORT);
     expect(&mut dp, POD_INGRESS, &udp, TC_ACT_OK, &delivered.bytes());
     // The pod-made flow's entry carries flags of its own (its scope): still translated.
-    let mut error = delivered.answer(delivered.icmp_error(3, 3));
-    error.ttl = 64;
-    let mut expected = udp.answer(udp.icmp_error(3, 3));
-    (expected.src_mac, expected.dst_mac, expected.ttl) = (error.src_mac, error.dst_mac, 64);
+    let (error, expected) = backend_refusal(&udp, &delivered);
     expect(&mut dp, POD_EGRESS, &error, TC_ACT_OK, &expected.bytes());
 }
 

@@ -217,11 +217,17 @@ fn from_client<T: Send + 'static>(s: &Setup, f: impl FnOnce() -> T + Send + 'sta
 }
 
 fn answers(s: &Setup, to: SocketAddr, n: usize) -> BTreeSet<String> {
-    from_client(s, move || {
+    answers_in(&s.cluster.client, to, n)
+}
+
+/// The pods answering `n` TCP requests to `to` sent from inside `from`.
+fn answers_in(from: &testbed::Netns, to: SocketAddr, n: usize) -> BTreeSet<String> {
+    from.run(move || {
         (0..n)
             .map(|_| tcp_request(to).expect("request through the service"))
             .collect()
     })
+    .expect("the sender's namespace")
 }
 
 /// The agent's Prometheus text, fetched inside the node namespace where it listens
@@ -327,15 +333,11 @@ fn client_reaches_nodeport_and_lb_ip_on_both_pods_over_tcp_and_udp() {
 #[ignore = "needs root and the eBPF object: cargo xtask test"]
 fn pod_reaches_cluster_ip_and_backend_sees_its_address() {
     let s = setup(&["pod-a", "pod-b", "client"], 2);
-    let to = SocketAddr::from((CLUSTER_IP, 80));
-    let got: BTreeSet<String> = s.cluster.pods[2]
-        .ns
-        .run(move || {
-            (0..40)
-                .map(|_| tcp_request(to).expect("ClusterIP request"))
-                .collect()
-        })
-        .unwrap();
+    let got = answers_in(
+        &s.cluster.pods[2].ns,
+        SocketAddr::from((CLUSTER_IP, 80)),
+        40,
+    );
     assert_eq!(
         got,
         ["pod-a", "pod-b"].iter().map(|s| s.to_string()).collect()
@@ -377,15 +379,11 @@ fn host_routing_carries_local_backends_flows_past_the_nodes_forward_chain() {
         both,
         "NodePort from outside"
     );
-    let to = SocketAddr::from((CLUSTER_IP, 80));
-    let got: BTreeSet<String> = s.cluster.pods[2]
-        .ns
-        .run(move || {
-            (0..30)
-                .map(|_| tcp_request(to).expect("ClusterIP request"))
-                .collect()
-        })
-        .unwrap();
+    let got = answers_in(
+        &s.cluster.pods[2].ns,
+        SocketAddr::from((CLUSTER_IP, 80)),
+        30,
+    );
     assert_eq!(got, both, "ClusterIP from a pod");
     let to = SocketAddr::from((CLUSTER_IP, 53));
     let answer = s.cluster.pods[2]
